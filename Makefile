@@ -1,0 +1,28 @@
+# Set-up and entry points. Every target creates .venv itself on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pdfabric-installed
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch is named in the same pip command as the project so pip takes the CPU build
+# (a bare `torch` requirement alone would pull a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q 'torch==2.13.0' -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/pdfabric bench transfer --transport tcp,shm --size 64MiB --block-size 256KiB --rounds 3
+
+bench: setup
+	$(VENV)/bin/pdfabric bench transfer --rounds 5 --json bench-transfer.json --plot bench-transfer.png
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,48 @@
+"""The ``pdfabric`` command line.
+
+Each subcommand lives in ``pdfabric.commands.<name>`` and exposes
+``register(subparsers) -> None``, which adds its parser and sets ``func`` to a callable
+``(args) -> int`` (the exit code). Heavy imports happen inside ``func``, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pdfabric import __version__
+
+__all__ = ["main", "COMMANDS"]
+
+COMMANDS = ("config", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdfabric",
+        description="Prefill/decode disaggregation transfer fabric for LLM serving.",
+    )
+    parser.add_argument("--version", action="version", version=f"pdfabric {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"pdfabric.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

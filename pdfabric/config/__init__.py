@@ -1,0 +1,1 @@
+"""Topology configuration (YAML -> pydantic v2 models)."""

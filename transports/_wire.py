@@ -1,0 +1,202 @@
+"""Data-plane framing shared by the stream transports (``tcp``, ``shm``).
+
+Every frame starts with a 16-byte header, then the transfer id, then a body::
+
+    magic "PF" | type u8 | tid_len u8 | count u32 | body_len u64 | tid bytes | body
+
+- HELLO     sender -> receiver, first frame: body = version u16, the receiver incarnation
+            the sender expects, the sender's incarnation and pid
+- HELLO_OK  receiver -> sender
+- DATA      tcp: ``count`` segments (dst addr u64, len u64), then ``body_len`` payload bytes
+- PULL      shm: ``count`` triples (src addr, dst addr, len) the receiver copies itself
+- END       one stream's part of a transfer is sent: stream bytes, total bytes, streams, notify
+- ACK       receiver -> sender: the stream's bytes for tid are in place
+- ERR       receiver -> sender: code u8 + message; the receiver then closes the connection
+
+WIRE_VERSION history:
+  1 - initial frame set (HELLO, HELLO_OK, DATA, PULL, END, ACK, ERR)
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+from typing import Sequence
+
+from pdfabric.errors import (
+    FrameError,
+    GrantRefused,
+    PeerGone,
+    ProtocolMismatch,
+    StalePeer,
+    TransferAborted,
+    TransportError,
+)
+
+__all__ = [
+    "WIRE_VERSION",
+    "FrameType",
+    "ErrCode",
+    "HEADER",
+    "MAX_SEGMENTS",
+    "Hello",
+    "header",
+    "recv_header",
+    "recv_exact",
+    "send_buffers",
+    "recv_scatter",
+    "error_from_code",
+]
+
+WIRE_VERSION = 1
+MAGIC = b"PF"
+HEADER = struct.Struct("!2sBBIQ")
+END_BODY = struct.Struct("!QQI")
+MAX_SEGMENTS = 1000  # keeps header + table + payload views under IOV_MAX (1024)
+MAX_SMALL_BODY = 64 * 1024
+_IOV_BATCH = 1000
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    HELLO_OK = 2
+    DATA = 3
+    PULL = 4
+    END = 5
+    ACK = 6
+    ERR = 7
+
+
+class ErrCode(enum.IntEnum):
+    REFUSED = 1
+    STALE = 2
+    FRAME = 3
+    VERSION = 4
+    ABORTED = 5
+    INTERNAL = 6
+
+
+def error_from_code(code: int, message: str, *, tid: str | None, peer: str, transport: str) -> TransportError:
+    """The typed error a sender raises for the receiver's ERR frame."""
+    kw = {"transfer_id": tid or None, "peer": peer, "transport": transport}
+    cls: type[TransportError]
+    if code == ErrCode.REFUSED:
+        cls = GrantRefused
+    elif code == ErrCode.STALE:
+        cls = StalePeer
+    elif code == ErrCode.ABORTED:
+        cls = TransferAborted
+    elif code == ErrCode.VERSION:
+        return ProtocolMismatch(f"receiver refused: {message}", **kw)  # type: ignore[return-value]
+    else:
+        cls = FrameError if code == ErrCode.FRAME else TransportError
+    return cls(f"receiver refused: {message}", **kw)
+
+
+class Hello:
+    """HELLO body codec."""
+
+    _FMT = struct.Struct("!HHHI")
+
+    @classmethod
+    def pack(cls, expected: str, mine: str, pid: int) -> bytes:
+        e, m = expected.encode(), mine.encode()
+        return cls._FMT.pack(WIRE_VERSION, len(e), len(m), pid) + e + m
+
+    @classmethod
+    def unpack(cls, body: bytes) -> tuple[int, str, str, int]:
+        if len(body) < cls._FMT.size:
+            raise FrameError("HELLO too short")
+        version, le, lm, pid = cls._FMT.unpack_from(body)
+        rest = body[cls._FMT.size :]
+        if len(rest) != le + lm:
+            raise FrameError("HELLO length mismatch")
+        return version, rest[:le].decode(), rest[le:].decode(), pid
+
+
+def header(ftype: FrameType, tid: bytes, count: int, body_len: int) -> bytes:
+    return HEADER.pack(MAGIC, ftype, len(tid), count, body_len) + tid
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    _recv_into_exact(sock, memoryview(buf))
+    return buf
+
+
+def _recv_into_exact(sock: socket.socket, mv: memoryview) -> None:
+    got = 0
+    while got < len(mv):
+        n = sock.recv_into(mv[got:], len(mv) - got, socket.MSG_WAITALL)
+        if n == 0:
+            raise PeerGone(f"connection closed after {got} of {len(mv)} bytes of a frame")
+        got += n
+
+
+def recv_header(sock: socket.socket) -> tuple[FrameType, str, int, int] | None:
+    """Read one frame header and its transfer id; None on a clean EOF between frames."""
+    buf = bytearray(HEADER.size)
+    mv = memoryview(buf)
+    n = sock.recv_into(mv, HEADER.size, socket.MSG_WAITALL)
+    if n == 0:
+        return None
+    if n < HEADER.size:
+        _recv_into_exact(sock, mv[n:])
+    magic, ftype, tid_len, count, body_len = HEADER.unpack(buf)
+    if magic != MAGIC:
+        raise FrameError(f"bad frame magic {bytes(magic)!r}")
+    try:
+        kind = FrameType(ftype)
+    except ValueError:
+        raise FrameError(f"unknown frame type {ftype}") from None
+    tid = recv_exact(sock, tid_len).decode(errors="replace") if tid_len else ""
+    if kind not in (FrameType.DATA, FrameType.PULL) and body_len > MAX_SMALL_BODY:
+        raise FrameError(f"{kind.name} frame body of {body_len} bytes is over {MAX_SMALL_BODY}")
+    if count > MAX_SEGMENTS:
+        raise FrameError(f"{kind.name} frame with {count} segments (max {MAX_SEGMENTS})")
+    return kind, tid, count, body_len
+
+
+def send_buffers(sock: socket.socket, bufs: Sequence[bytes | memoryview]) -> None:
+    """Send all bytes of ``bufs`` with as few ``sendmsg`` calls as possible (no copies)."""
+    views = [memoryview(b) for b in bufs if len(b)]
+    i = 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i : i + _IOV_BATCH])
+        while sent > 0:
+            size = len(views[i])
+            if sent >= size:
+                sent -= size
+                i += 1
+            else:
+                views[i] = views[i][sent:]
+                sent = 0
+
+
+def recv_scatter(sock: socket.socket, views: list[memoryview]) -> int:
+    """Fill ``views`` in order straight from the socket (``recvmsg_into``, no copies)."""
+    i = 0
+    total = 0
+    while i < len(views):
+        n = sock.recvmsg_into(views[i : i + _IOV_BATCH], 0, socket.MSG_WAITALL)[0]
+        if n == 0:
+            raise PeerGone(f"connection closed mid-payload after {total} bytes")
+        total += n
+        while n > 0:
+            size = len(views[i])
+            if n >= size:
+                n -= size
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+    return total
+
+
+def unpack_u64s(data: bytes | bytearray, count: int) -> tuple[int, ...]:
+    return struct.unpack_from(f"!{count}Q", data)
+
+
+def pack_u64s(values: Sequence[int]) -> bytes:
+    return struct.pack(f"!{len(values)}Q", *values)

@@ -1,0 +1,300 @@
+"""The transport interface every data path implements.
+
+A transport moves bytes from registered memory of a *sender* into memory that a
+*receiver* granted for one transfer id. The same object can play both roles.
+
+Receiver::
+
+    t.register([region, ...])            # memory peers may write into (whole KV tensors)
+    t.grant(tid, [dst regions])          # allow exactly these bytes for this transfer
+    result = t.wait_recv(tid, timeout)   # RecvResult(nbytes, notify) or a typed error
+    t.revoke(tid)                        # stop accepting writes for tid (abort)
+
+Sender::
+
+    peer = t.connect(remote.descriptor())
+    h = t.write(peer, TransferPlan(tid, src, dst), notify=b"...")
+    t.wait(h, timeout)                   # returns once the receiver has the bytes in place
+
+Contract:
+- Buffers are owned by the caller. A registered or granted region must stay alive and
+  must not be freed until ``close()`` (registered) or until the transfer ends (granted).
+- ``write`` never blocks on the network: it validates the plan, queues it and returns a
+  ``TransferHandle``. ``wait`` blocks at most ``timeout`` seconds and raises
+  ``TransferTimeout``; every other failure raises a ``TransportError`` subclass.
+  A handle is DONE only when the receiver acknowledged that every byte landed.
+- A receiver never writes outside what it granted for that transfer id: a frame for an
+  unknown id or outside the grant is refused (``GrantRefused`` on both ends), the
+  connection closed, and the rejection counted in ``rejections``.
+- All methods are thread safe. ``close()`` fails every pending transfer with
+  ``TransportClosed`` and releases sockets, threads and registrations; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, NewType, Sequence
+
+import msgspec
+
+from pdfabric.errors import (
+    TransferAborted,
+    TransferTimeout,
+    TransportClosed,
+    TransportError,
+)
+from pdfabric.memory import Region
+
+__all__ = [
+    "TransferId",
+    "PeerId",
+    "Status",
+    "Capabilities",
+    "PeerDescriptor",
+    "TransferPlan",
+    "TransferHandle",
+    "RecvResult",
+    "Rejection",
+    "Transport",
+]
+
+TransferId = NewType("TransferId", str)
+PeerId = NewType("PeerId", str)
+
+MAX_TRANSFER_ID_BYTES = 128
+MAX_NOTIFY_BYTES = 60 * 1024
+
+
+class Status(enum.Enum):
+    """State of one transfer, on either side."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+    @property
+    def finished(self) -> bool:
+        return self is not Status.PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a transport can do; callers branch on these, never on the transport's name."""
+
+    push: bool = True
+    pull: bool = False
+    device_memory: bool = False
+    same_host_only: bool = False
+    same_process_only: bool = False
+    notifications: bool = True
+
+
+class PeerDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything a peer needs to reach a transport; travels inside the handshake.
+
+    ``incarnation`` is random per transport object: a descriptor from before a restart
+    names an incarnation that no longer exists and is refused with ``StalePeer``.
+    """
+
+    transport: str
+    incarnation: str
+    host: str
+    pid: int
+    endpoint: str
+    host_id: str = ""
+    extra: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferPlan:
+    """Pairs of equal-length (source, destination) regions for one transfer.
+
+    Sources are addresses in the sender's registered memory, destinations are addresses
+    in the receiver's memory as the receiver granted them.
+    """
+
+    transfer_id: TransferId
+    src: tuple[Region, ...]
+    dst: tuple[Region, ...]
+
+    def __post_init__(self) -> None:
+        tid = self.transfer_id
+        if not tid or len(tid.encode()) > MAX_TRANSFER_ID_BYTES:
+            raise ValueError(f"transfer id must be 1-{MAX_TRANSFER_ID_BYTES} bytes, got {tid!r}")
+        if len(self.src) != len(self.dst):
+            raise ValueError(
+                f"plan {tid}: {len(self.src)} source regions but {len(self.dst)} destinations"
+            )
+        for i, (s, d) in enumerate(zip(self.src, self.dst)):
+            if s.length != d.length or s.length < 0:
+                raise ValueError(
+                    f"plan {tid}: pair {i} has source length {s.length}, destination {d.length}"
+                )
+
+    @classmethod
+    def from_pairs(cls, transfer_id: str, pairs: Sequence[tuple[Region, Region]]) -> "TransferPlan":
+        return cls(TransferId(transfer_id), tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.length for r in self.src)
+
+
+@dataclass(frozen=True, slots=True)
+class RecvResult:
+    """A completed receive: how many bytes landed and the sender's notification."""
+
+    transfer_id: TransferId
+    nbytes: int
+    notify: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A write the receiver refused, kept for metrics and tests."""
+
+    transfer_id: str
+    peer: str
+    reason: str
+
+
+@dataclass(eq=False)
+class TransferHandle:
+    """Completion of one ``write``. Thread safe; resolved exactly once."""
+
+    transfer_id: TransferId
+    peer: PeerId
+    nbytes: int
+    transport: str
+    started: float = field(default_factory=time.perf_counter)
+    finished_at: float | None = None
+    _status: Status = Status.PENDING
+    _error: TransportError | None = None
+    _event: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def status(self) -> Status:
+        return self._status
+
+    @property
+    def error(self) -> TransportError | None:
+        return self._error
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.started
+
+    def resolve(self, status: Status, error: TransportError | None = None) -> bool:
+        """Set the final state; later calls are ignored. Returns True if this call won."""
+        with self._lock:
+            if self._status.finished:
+                return False
+            self._status = status
+            self._error = error
+            self.finished_at = time.perf_counter()
+        self._event.set()
+        return True
+
+    def wait(self, timeout: float | None) -> None:
+        """Block until finished; raise the transfer's error, or TransferTimeout."""
+        if not self._event.wait(timeout):
+            raise TransferTimeout(
+                f"no completion after {timeout:.3g}s ({self.nbytes} bytes)",
+                transfer_id=self.transfer_id,
+                peer=self.peer,
+                transport=self.transport,
+            )
+        if self._status is Status.DONE:
+            return
+        if self._error is not None:
+            raise self._error
+        raise TransferAborted(
+            "transfer aborted", transfer_id=self.transfer_id, peer=self.peer, transport=self.transport
+        )
+
+
+class Transport(ABC):
+    """A data path. Subclasses implement the sender side and feed the shared receiver
+    state (``pdfabric.transports._state.GrantTable``) from their wire."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    #: default for ``wait``/``wait_recv`` when the caller passes no timeout
+    transfer_timeout_s: float = 30.0
+
+    # -- memory ------------------------------------------------------------------------
+    @abstractmethod
+    def register(self, regions: Sequence[Region]) -> None:
+        """Make regions usable as write sources and grant destinations."""
+
+    # -- peers -------------------------------------------------------------------------
+    @abstractmethod
+    def descriptor(self) -> PeerDescriptor:
+        """What a peer passes to ``connect`` to reach this transport."""
+
+    @abstractmethod
+    def connect(self, peer: PeerDescriptor, timeout: float | None = None) -> PeerId:
+        """Open (or reuse) the data path to ``peer``; raises ConnectError / StalePeer."""
+
+    # -- sender ------------------------------------------------------------------------
+    @abstractmethod
+    def write(self, peer: PeerId, plan: TransferPlan, notify: bytes = b"") -> TransferHandle:
+        """Queue a push of ``plan`` to ``peer``; ``notify`` reaches the receiver with it."""
+
+    def poll(self, handle: TransferHandle) -> Status:
+        return handle.status
+
+    def wait(self, handle: TransferHandle, timeout: float | None = None) -> None:
+        handle.wait(self.transfer_timeout_s if timeout is None else timeout)
+
+    # -- receiver ----------------------------------------------------------------------
+    @abstractmethod
+    def grant(self, transfer_id: str, regions: Sequence[Region]) -> None:
+        """Allow peers to write exactly ``regions`` for ``transfer_id``."""
+
+    @abstractmethod
+    def revoke(self, transfer_id: str) -> None:
+        """Withdraw a grant; a pending ``wait_recv`` raises TransferAborted."""
+
+    @abstractmethod
+    def wait_recv(self, transfer_id: str, timeout: float | None = None) -> RecvResult:
+        """Block until the transfer's bytes are all in place; the grant is then released."""
+
+    @abstractmethod
+    def poll_recv(self, transfer_id: str) -> Status:
+        """State of a granted transfer without blocking."""
+
+    @abstractmethod
+    def recv_progress(self, transfer_id: str) -> tuple[int, int]:
+        """(bytes received, bytes granted) for a live grant; (0, 0) when there is none."""
+
+    @property
+    @abstractmethod
+    def rejections(self) -> list[Rejection]:
+        """Writes this receiver refused (unknown id, outside the grant, bad frames)."""
+
+    # -- lifecycle ---------------------------------------------------------------------
+    @abstractmethod
+    def close(self) -> None:
+        """Fail pending transfers, stop threads, close sockets. Idempotent."""
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool: ...
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise TransportClosed("transport is closed", transport=self.name)
+
+    def __enter__(self) -> "Transport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,69 @@
+"""Transport names -> classes, imported lazily so optional backends cost nothing."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import socket
+from typing import Any
+
+from pdfabric.errors import TransportUnavailable
+
+from .base import Transport
+
+__all__ = ["TRANSPORTS", "transport_class", "create", "available", "local_host_id"]
+
+# name -> (module, class, install hint)
+TRANSPORTS: dict[str, tuple[str, str, str]] = {
+    "tcp": ("pdfabric.transports.tcp", "TcpTransport", ""),
+    "shm": ("pdfabric.transports.shm", "ShmTransport", ""),
+    "loopback": ("pdfabric.transports.loopback", "LoopbackTransport", ""),
+    "nixl": ("pdfabric.transports.nixl", "NixlTransport", "pip install 'pdfabric[nixl]'"),
+    "ucx": ("pdfabric.transports.ucx", "UcxTransport", "pip install 'pdfabric[ucx]'"),
+    "cuda_ipc": ("pdfabric.transports.cuda_ipc", "CudaIpcTransport", "pip install 'pdfabric[cuda]' on a CUDA machine"),
+}
+
+
+def transport_class(name: str) -> type[Transport]:
+    """The class for ``name``; TransportUnavailable (with the fix) when it cannot load."""
+    try:
+        module, cls, hint = TRANSPORTS[name]
+    except KeyError:
+        raise TransportUnavailable(
+            f"unknown transport {name!r}; expected one of {', '.join(sorted(TRANSPORTS))}"
+        ) from None
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        fix = f" - {hint}" if hint else ""
+        raise TransportUnavailable(f"transport {name!r} is not available: {e}{fix}", transport=name) from e
+    result: type[Transport] = getattr(mod, cls)
+    return result
+
+
+def create(name: str, **options: Any) -> Transport:
+    """Instantiate transport ``name`` with its keyword options."""
+    return transport_class(name)(**options)
+
+
+def available() -> dict[str, str]:
+    """Each known transport -> "" when usable here, else the reason it is not."""
+    out: dict[str, str] = {}
+    for name in TRANSPORTS:
+        try:
+            transport_class(name)
+            out[name] = ""
+        except TransportUnavailable as e:
+            out[name] = e.message
+    return out
+
+
+@functools.cache
+def local_host_id() -> str:
+    """Identity of this machine (boot id + hostname), to tell same-host peers apart."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "noboot"
+    return f"{socket.gethostname()}/{boot}"

@@ -294,11 +294,16 @@ class GrantTable:
         log.warning("refused frame: %s [transport=%s peer=%s]", rejection.reason, self._transport, rejection.peer)
 
     def reject(self, tid: str, peer: str, reason: str) -> None:
-        """Record a refusal and raise it (the caller closes the connection)."""
+        """Record a refusal, fail the grant it was aimed at (if live), and raise it.
+
+        The caller closes the connection; the receiver's waiter learns at once instead of
+        timing out on bytes that will never come."""
         with self._lock:
             self._rejections.append(Rejection(tid, peer, reason))
         log.warning("refused write: %s [transport=%s peer=%s transfer=%s]", reason, self._transport, peer, tid)
-        raise GrantRefused(reason, transfer_id=tid, peer=peer, transport=self._transport)
+        err = GrantRefused(reason, transfer_id=tid, peer=peer, transport=self._transport)
+        self._finish(tid, Status.FAILED, err)
+        raise err
 
     def stream_end(
         self, tid: str, conn: Hashable, stream_bytes: int, nstreams: int, total: int, notify: bytes

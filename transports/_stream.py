@@ -308,12 +308,13 @@ class StreamTransport(Transport):
             ctx.sock.sendall(w.header(w.FrameType.ACK, tid.encode(), 0, 0))
         else:
             code = w.ErrCode.ABORTED if isinstance(err, TransferAborted) else w.ErrCode.FRAME
-            self._send_err(ctx, tid, code, err.message)
+            self._send_err(ctx, tid, code, err.message, closing=False)
 
-    def _send_err(self, ctx: "_ConnCtx", tid: str, code: w.ErrCode, message: str) -> None:
+    def _send_err(self, ctx: "_ConnCtx", tid: str, code: w.ErrCode, message: str, closing: bool = True) -> None:
+        """ERR frame; ``count`` = 1 tells the sender this connection closes after it."""
         body = bytes([code]) + message.encode()[: w.MAX_SMALL_BODY - 1]
         try:
-            ctx.sock.sendall(w.header(w.FrameType.ERR, tid.encode(), 0, len(body)) + body)
+            ctx.sock.sendall(w.header(w.FrameType.ERR, tid.encode(), int(closing), len(body)) + body)
         except OSError:
             pass
 
@@ -341,7 +342,8 @@ class StreamTransport(Transport):
             if link is None:
                 link = _Link(peer, f"{peer.endpoint}#{peer.incarnation[:8]}", [None] * self.streams)
                 self._links[pid] = link
-        self._ensure_streams(link, 1, self.connect_timeout_s if timeout is None else timeout)
+        # all streams now, so an unreachable or refusing peer surfaces here, not mid-write
+        self._ensure_streams(link, self.streams, self.connect_timeout_s if timeout is None else timeout)
         return pid
 
     def _ensure_streams(self, link: _Link, k: int, timeout: float) -> list[_Stream]:
@@ -442,13 +444,16 @@ class StreamTransport(Transport):
                 hdr = w.recv_header(stream.sock)
                 if hdr is None:
                     break
-                kind, tid, _, body_len = hdr
+                kind, tid, closing, body_len = hdr
                 body = bytes(w.recv_exact(stream.sock, body_len))
                 if kind is w.FrameType.ACK:
                     self._ack(link, stream, tid)
                 elif kind is w.FrameType.ERR and body:
                     msg = body[1:].decode(errors="replace")
-                    self._fail(link, tid, w.error_from_code(body[0], msg, tid=tid, peer=link.label, transport=self.name))
+                    err = w.error_from_code(body[0], msg, tid=tid, peer=link.label, transport=self.name)
+                    if closing and stream.dead is None:
+                        stream.dead = err  # the next write redials instead of queueing here
+                    self._fail(link, tid, err)
                 else:
                     why = f"unexpected {kind.name} frame from receiver"
                     break
@@ -459,6 +464,10 @@ class StreamTransport(Transport):
         for tid in list(stream.inflight):
             self._fail(link, tid, PeerGone(f"connection lost mid-transfer: {why}", transfer_id=tid, peer=link.label, transport=self.name))
         stream.jobs.put(None)
+        sender = stream.threads[0] if stream.threads else None
+        if sender is not None and sender is not threading.current_thread():
+            sender.join(_JOIN_S)
+        stream.sock.close()
 
     def _ack(self, link: _Link, stream: _Stream, tid: str) -> None:
         stream.inflight.discard(tid)

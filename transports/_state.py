@@ -29,6 +29,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Sequence
 
+import numpy as np
+
 from pdfabric.errors import (
     FrameError,
     GrantRefused,
@@ -50,6 +52,27 @@ log = logging.getLogger("pdfabric.transports")
 _FINISHED_MEMORY = 4096
 
 
+def first_outside(starts: np.ndarray, ends: np.ndarray, addrs: np.ndarray, lens: np.ndarray) -> int:
+    """Index of the first (addr, len) not inside one of the sorted disjoint [start, end)
+    ranges, or -1 when all are inside."""
+    n = len(addrs)
+    if n == 0:
+        return -1
+    if len(starts) == 0:
+        return 0
+    if n <= 8:  # numpy's per-call overhead dominates for a few segments
+        s_list, e_list = starts.tolist(), ends.tolist()
+        for k, (a, ln) in enumerate(zip(addrs.tolist(), lens.tolist())):
+            i = bisect.bisect_right(s_list, a) - 1
+            if i < 0 or a + ln > e_list[i]:
+                return k
+        return -1
+    i = np.searchsorted(starts, addrs, side="right").astype(np.int64) - 1
+    ok = (i >= 0) & (addrs + lens <= ends[np.maximum(i, 0)])
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if len(bad) else -1
+
+
 def merge_regions(regions: Sequence[Region]) -> list[Region]:
     """Sort and merge overlapping or touching regions."""
     out: list[Region] = []
@@ -68,8 +91,11 @@ class MemoryTable:
     def __init__(self, transport: str) -> None:
         self._transport = transport
         self._lock = threading.Lock()
-        # (starts, entries) swapped as one tuple by add(), so readers need no lock
-        self._index: tuple[list[int], list[tuple[Region, memoryview]]] = ([], [])
+        # (starts, entries, start array, end array) swapped as one tuple by add(), so
+        # readers need no lock
+        self._index: tuple[list[int], list[tuple[Region, memoryview]], np.ndarray, np.ndarray] = (
+            [], [], np.empty(0, np.uint64), np.empty(0, np.uint64)
+        )
 
     def add(self, regions: Sequence[Region]) -> None:
         """Register regions; overlapping or touching ones merge into one."""
@@ -82,13 +108,18 @@ class MemoryTable:
             merged = merge_regions([e[0] for e in self._index[1]] + list(regions))
             old = {e[0]: e[1] for e in self._index[1]}
             entries = [(r, old.get(r) or view_of(r)) for r in merged]
-            self._index = ([r.addr for r in merged], entries)
+            self._index = (
+                [r.addr for r in merged],
+                entries,
+                np.array([r.addr for r in merged], dtype=np.uint64),
+                np.array([r.end for r in merged], dtype=np.uint64),
+            )
 
     def regions(self) -> list[Region]:
         return [e[0] for e in self._index[1]]
 
     def _find(self, addr: int, length: int) -> tuple[Region, memoryview] | None:
-        starts, entries = self._index
+        starts, entries = self._index[0], self._index[1]
         i = bisect.bisect_right(starts, addr) - 1
         if i >= 0 and i < len(entries) and entries[i][0].contains(addr, length):
             return entries[i]
@@ -96,6 +127,16 @@ class MemoryTable:
 
     def contains(self, addr: int, length: int) -> bool:
         return self._find(addr, length) is not None
+
+    def check(self, addrs: np.ndarray, lens: np.ndarray) -> None:
+        """Vectorized: RegistrationError unless every (addr, len) is inside one region."""
+        bad = first_outside(self._index[2], self._index[3], addrs, lens)
+        if bad >= 0:
+            raise RegistrationError(
+                f"{int(lens[bad])} bytes at {int(addrs[bad]):#x} are not inside registered memory; "
+                "register the tensor (or buffer) before using it in a transfer",
+                transport=self._transport,
+            )
 
     def view(self, addr: int, length: int) -> memoryview:
         """Writable view of registered bytes; RegistrationError when not registered."""
@@ -112,18 +153,18 @@ class MemoryTable:
 
     def clear(self) -> None:
         with self._lock:
-            self._index = ([], [])
+            self._index = ([], [], np.empty(0, np.uint64), np.empty(0, np.uint64))
 
 
 @dataclass(eq=False)
 class _Grant:
     tid: TransferId
-    starts: list[int]
-    regions: list[Region]
+    starts: np.ndarray
+    ends: np.ndarray
     granted: int
     received: int = 0
     per_conn: dict[Hashable, int] = field(default_factory=dict)
-    ends: dict[Hashable, int] = field(default_factory=dict)
+    stream_ends: dict[Hashable, int] = field(default_factory=dict)
     notify: bytes = b""
     status: Status = Status.PENDING
     error: TransportError | None = None
@@ -131,9 +172,8 @@ class _Grant:
     writers: set[Hashable] = field(default_factory=set)
     event: threading.Event = field(default_factory=threading.Event)
 
-    def inside(self, addr: int, length: int) -> bool:
-        i = bisect.bisect_right(self.starts, addr) - 1
-        return i >= 0 and self.regions[i].contains(addr, length)
+    def first_outside(self, segs: np.ndarray) -> int:
+        return first_outside(self.starts, self.ends, segs[:, 0], segs[:, 1])
 
 
 class GrantTable:
@@ -174,7 +214,10 @@ class GrantTable:
                 raise ValueError(f"transfer {tid} is already granted")
             self._finished.pop(tid, None)
             self._grants[tid] = _Grant(
-                TransferId(tid), [r.addr for r in merged], merged, sum(r.length for r in merged)
+                TransferId(tid),
+                np.array([r.addr for r in merged], dtype=np.uint64),
+                np.array([r.end for r in merged], dtype=np.uint64),
+                sum(r.length for r in merged),
             )
 
     def revoke(self, tid: str) -> None:
@@ -254,25 +297,24 @@ class GrantTable:
             self._finish(tid, Status.ABORTED, TransportClosed("transport closed", transfer_id=tid))
 
     # -- wire API (called by the transport's receive loop) ---------------------------------
-    def begin_write(
-        self, tid: str, segments: Sequence[tuple[int, int]], peer: str, conn: Hashable
-    ) -> object:
-        """Rule 1: refuse unless every (addr, length) lies inside the live grant for ``tid``.
+    def begin_write(self, tid: str, segments: np.ndarray, peer: str, conn: Hashable) -> object:
+        """Rule 1: refuse unless every [addr, length] row of ``segments`` (an (n, 2) uint64
+        array) lies inside the live grant for ``tid``.
 
         Returns a token for ``end_write``; while a write is open, ``revoke`` waits for it
         (and cuts its connection if it stalls), so freed memory is never written."""
         with self._lock:
             g = self._grants.get(tid)
             if g is not None and not g.status.finished:
-                bad = next(((a, n) for a, n in segments if not g.inside(a, n)), None)
-                if bad is None:
+                bad = g.first_outside(segments)
+                if bad < 0:
                     g.active += 1
                     g.writers.add(conn)
                     return g
         if g is None or g.status.finished:
             state = self._finished.get(tid)
             self.reject(tid, peer, f"transfer already {state.value}" if state else "unknown transfer id")
-        addr, length = bad  # type: ignore[misc]
+        addr, length = int(segments[bad, 0]), int(segments[bad, 1])
         self.reject(tid, peer, f"write of {length} bytes at {addr:#x} is outside the grant")
         raise AssertionError("unreachable")
 
@@ -323,11 +365,11 @@ class GrantTable:
                 bad = f"stream announced {stream_bytes} bytes but {got} arrived"
             elif total != g.granted:
                 bad = f"sender announced {total} bytes; {g.granted} were granted"
-            g.ends[conn] = stream_bytes
+            g.stream_ends[conn] = stream_bytes
             if notify:
                 g.notify = notify
-            complete = bad is None and len(g.ends) >= nstreams and g.received == total
-            if bad is None and len(g.ends) >= nstreams and g.received != total:
+            complete = bad is None and len(g.stream_ends) >= nstreams and g.received == total
+            if bad is None and len(g.stream_ends) >= nstreams and g.received != total:
                 bad = f"all {nstreams} streams ended with {g.received} of {total} bytes"
         if bad is not None:
             err = FrameError(bad, transfer_id=tid, transport=self._transport)

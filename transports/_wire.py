@@ -19,10 +19,13 @@ WIRE_VERSION history:
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import socket
 import struct
 from typing import Sequence
+
+import numpy as np
 
 from pdfabric.errors import (
     FrameError,
@@ -33,6 +36,8 @@ from pdfabric.errors import (
     TransferAborted,
     TransportError,
 )
+
+from ._iov import advance, recv_iov
 
 __all__ = [
     "WIRE_VERSION",
@@ -47,6 +52,7 @@ __all__ = [
     "send_buffers",
     "recv_scatter",
     "error_from_code",
+    "FrameReader",
 ]
 
 WIRE_VERSION = 1
@@ -200,3 +206,95 @@ def unpack_u64s(data: bytes | bytearray, count: int) -> tuple[int, ...]:
 
 def pack_u64s(values: Sequence[int]) -> bytes:
     return struct.pack(f"!{len(values)}Q", *values)
+
+
+class FrameReader:
+    """Buffered frame reads from one socket.
+
+    Small frames (headers, tables, END, and the payload of small transfers) arrive with one
+    ``recv`` into a 64 KiB staging buffer instead of one syscall per field; payload beyond
+    what is staged goes straight from the socket into its destination (``recv_iov``).
+    Payload bytes that were staged are copied out once (at most the buffer size per frame).
+    """
+
+    SIZE = 64 * 1024
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(self.SIZE)
+        self.mv = memoryview(self.buf)
+        self.addr = ctypes.addressof((ctypes.c_char * self.SIZE).from_buffer(self.buf))
+        self.start = 0
+        self.end = 0
+
+    def _fill(self, need: int) -> bool:
+        """Buffer at least ``need`` bytes; False on EOF before any byte (at a boundary)."""
+        if self.end - self.start >= need:
+            return True
+        if self.start:
+            n = self.end - self.start
+            self.buf[:n] = self.buf[self.start : self.end]
+            self.start, self.end = 0, n
+        first = self.end == 0
+        while self.end < need:
+            got = self.sock.recv_into(self.mv[self.end :], self.SIZE - self.end)
+            if got == 0:
+                if first and self.end == 0:
+                    return False
+                raise PeerGone(f"connection closed mid-frame ({self.end} of {need} bytes)")
+            self.end += got
+        return True
+
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (n <= SIZE)."""
+        if n > self.SIZE:
+            return bytes(recv_exact(self.sock, n)) if self.end == self.start else self._read_large(n)
+        if not self._fill(n):
+            raise PeerGone("connection closed")
+        out = bytes(self.mv[self.start : self.start + n])
+        self.start += n
+        return out
+
+    def _read_large(self, n: int) -> bytes:
+        head = bytes(self.mv[self.start : self.end])
+        self.start = self.end = 0
+        return head + bytes(recv_exact(self.sock, n - len(head)))
+
+    def header(self) -> tuple[FrameType, str, int, int] | None:
+        """Like ``recv_header``: one frame header and its transfer id, None on clean EOF."""
+        if not self._fill(HEADER.size):
+            return None
+        magic, ftype, tid_len, count, body_len = HEADER.unpack_from(self.buf, self.start)
+        self.start += HEADER.size
+        if magic != MAGIC:
+            raise FrameError(f"bad frame magic {bytes(magic)!r}")
+        try:
+            kind = FrameType(ftype)
+        except ValueError:
+            raise FrameError(f"unknown frame type {ftype}") from None
+        tid = self.read(tid_len).decode(errors="replace") if tid_len else ""
+        if kind not in (FrameType.DATA, FrameType.PULL) and body_len > MAX_SMALL_BODY:
+            raise FrameError(f"{kind.name} frame body of {body_len} bytes is over {MAX_SMALL_BODY}")
+        if count > MAX_SEGMENTS:
+            raise FrameError(f"{kind.name} frame with {count} segments (max {MAX_SEGMENTS})")
+        return kind, tid, count, body_len
+
+    def read_into(self, iov: np.ndarray) -> int:
+        """Fill the (n, 2) iovec array: staged bytes first (memmove), then the socket."""
+        total = int(iov[:, 1].sum())
+        staged = min(self.end - self.start, total)
+        done = 0
+        if staged == 0:
+            return recv_iov(self.sock.fileno(), iov)
+        rows = len(iov) if len(iov) <= 8 else int(np.searchsorted(np.cumsum(iov[:, 1]), staged)) + 1
+        for addr, length in iov[:rows].tolist():
+            if done >= staged:
+                break
+            k = min(length, staged - done)
+            ctypes.memmove(addr, self.addr + self.start + done, k)
+            done += k
+        self.start += staged
+        if staged == total:
+            return total
+        rest = advance(np.ascontiguousarray(iov), staged)
+        return staged + recv_iov(self.sock.fileno(), rest)

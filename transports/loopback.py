@@ -16,6 +16,8 @@ import uuid
 import weakref
 from typing import Sequence
 
+import numpy as np
+
 from pdfabric.errors import ConnectError, PeerGone, StalePeer, TransportError
 from pdfabric.memory import Region
 
@@ -112,8 +114,7 @@ class LoopbackTransport(Transport):
         if len(notify) > MAX_NOTIFY_BYTES:
             raise ValueError(f"notify payload of {len(notify)} bytes is over {MAX_NOTIFY_BYTES}")
         pieces = coalesce_plan(plan)
-        for s, _, n in pieces:
-            self._mem.view(s, n)
+        self._mem.check(pieces[:, 0], pieces[:, 2])
         handle = TransferHandle(plan.transfer_id, peer, plan.nbytes, self.name)
         self._jobs.put((handle, pieces, notify))
         return handle
@@ -129,16 +130,17 @@ class LoopbackTransport(Transport):
             except TransportError as e:
                 handle.resolve(Status.FAILED, e)
 
-    def _push(self, handle: TransferHandle, pieces: list[tuple[int, int, int]], notify: bytes) -> None:
+    def _push(self, handle: TransferHandle, pieces: np.ndarray, notify: bytes) -> None:
         tid = handle.transfer_id
         peer = self._hub.get(self._peers[handle.peer])
-        for s, d, n in pieces:
+        for s, d, n in pieces.tolist():
             for off in range(0, n, _PIECE_CHUNK):
                 k = min(_PIECE_CHUNK, n - off)
                 if peer is None or peer.closed or self._closed:
                     raise PeerGone("peer closed mid-transfer", transfer_id=tid, transport=self.name)
                 self._written_to.add(peer)
-                token = peer._grants.begin_write(tid, [(d + off, k)], self.incarnation[:8], self)
+                seg = np.array([[d + off, k]], dtype=np.uint64)
+                token = peer._grants.begin_write(tid, seg, self.incarnation[:8], self)
                 try:
                     ctypes.memmove(d + off, s + off, k)
                 finally:

@@ -13,74 +13,23 @@ the sender opts in with ``PR_SET_PTRACER`` where Yama restricts it).
 from __future__ import annotations
 
 import ctypes
-import errno
-import os
 import socket
 import struct
+
+import numpy as np
 
 from pdfabric.errors import ConnectError, FrameError, PeerGone, TransportUnavailable
 
 from . import _wire as w
-from ._stream import Piece, StreamTransport, _ConnCtx
+from ._iov import cma_read, iovecs
+from ._stream import StreamTransport, _ConnCtx
 from .base import Capabilities, PeerDescriptor
 
-__all__ = ["ShmTransport", "cma_read"]
+__all__ = ["ShmTransport"]
 
 _PR_SET_PTRACER = 0x59616D61
 _PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
 _libc = ctypes.CDLL(None, use_errno=True)
-_readv = _libc.process_vm_readv
-_readv.restype = ctypes.c_ssize_t
-_readv.argtypes = [
-    ctypes.c_int,
-    ctypes.POINTER(_Iovec),
-    ctypes.c_ulong,
-    ctypes.POINTER(_Iovec),
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-]
-
-
-def cma_read(pid: int, pieces: list[Piece]) -> int:
-    """Copy each (remote src, local dst, n) from process ``pid``; returns bytes copied.
-
-    Raises PeerGone when the process is gone, FrameError when a source address is not
-    mapped in it, TransportUnavailable when the kernel forbids cross-memory attach."""
-    done = 0
-    pending = [p for p in pieces if p[2]]
-    while pending:
-        n = len(pending)
-        local = (_Iovec * n)(*[(d, k) for _, d, k in pending])
-        remote = (_Iovec * n)(*[(s, k) for s, _, k in pending])
-        got = _readv(pid, local, n, remote, n, 0)
-        if got < 0:
-            err = ctypes.get_errno()
-            if err == errno.ESRCH:
-                raise PeerGone(f"sender process {pid} is gone")
-            if err == errno.EPERM:
-                raise TransportUnavailable(
-                    f"process_vm_readv on pid {pid} is not permitted (ptrace restrictions or a "
-                    "seccomp filter); use the tcp transport or allow cross-memory attach"
-                )
-            raise FrameError(f"process_vm_readv from pid {pid} failed: {os.strerror(err)}")
-        if got == 0:
-            raise FrameError(f"sender pid {pid} named source memory that is not mapped")
-        done += got
-        while got > 0:
-            s, d, k = pending[0]
-            if got >= k:
-                got -= k
-                pending.pop(0)
-            else:
-                pending[0] = (s + got, d + got, k - got)
-                got = 0
-    return done
 
 
 class ShmTransport(StreamTransport):
@@ -143,24 +92,28 @@ class ShmTransport(StreamTransport):
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         return struct.unpack("3i", creds)[0]
 
-    def _encode(self, tid: bytes, part: list[Piece]) -> list[list[bytes | memoryview]]:
-        frames: list[list[bytes | memoryview]] = []
+    def _encode(self, tid: bytes, part: np.ndarray, end: bytes) -> tuple[np.ndarray, list[object]]:
+        chunks = []
         for i in range(0, len(part), w.MAX_SEGMENTS):
-            chunk = part[i : i + w.MAX_SEGMENTS]
-            flat = [v for piece in chunk for v in piece]
-            nbytes = sum(p[2] for p in chunk)
-            frames.append([w.header(w.FrameType.PULL, tid, len(chunk), nbytes) + w.pack_u64s(flat)])
-        return frames
+            c = part[i : i + w.MAX_SEGMENTS]
+            chunks.append(w.header(w.FrameType.PULL, tid, len(c), int(c[:, 2].sum())) + c.astype(">u8").tobytes())
+        buf = np.frombuffer(b"".join(chunks) + end, dtype=np.uint8)
+        return iovecs(np.array([buf.ctypes.data]), np.array([len(buf)])), [buf]
+
+    def _encode_small(self, tid: bytes, part: np.ndarray, end: bytes) -> list[bytes | memoryview]:
+        rows = part.tolist()
+        head = w.header(w.FrameType.PULL, tid, len(rows), sum(r[2] for r in rows))
+        return [head + w.pack_u64s([v for r in rows for v in r]) + end]
 
     def _receive(self, ctx: _ConnCtx, tid: str, count: int, body_len: int) -> None:
-        vals = w.unpack_u64s(w.recv_exact(ctx.sock, 24 * count), 3 * count)
-        pieces = [(vals[i], vals[i + 1], vals[i + 2]) for i in range(0, 3 * count, 3)]
-        if sum(p[2] for p in pieces) != body_len:
+        t = np.frombuffer(ctx.reader.read(24 * count), dtype=">u8").reshape(count, 3).astype(np.uint64)
+        if int(t[:, 2].sum()) != body_len:
             raise FrameError(f"PULL frame announces {body_len} bytes but its segments add up differently", transfer_id=tid)
-        token = self._grants.begin_write(tid, [(d, n) for _, d, n in pieces], ctx.peer, ctx)
+        dst = iovecs(t[:, 1], t[:, 2])
+        token = self._grants.begin_write(tid, dst, ctx.peer, ctx)
         got = 0
         try:
-            got = cma_read(ctx.pid, pieces)
+            got = cma_read(ctx.pid, iovecs(t[:, 0], t[:, 2]), dst)
         except (PeerGone, FrameError, TransportUnavailable) as e:
             e.transfer_id, e.peer, e.transport = tid, ctx.peer, self.name
             self._grants.fail(tid, e)

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-__all__ = ["PeerProcess", "encode_descriptor", "decode_descriptor", "PeerRequestError"]
+__all__ = ["PeerProcess", "Child", "serve", "main", "encode_descriptor", "decode_descriptor", "PeerRequestError"]
 
 
 def encode_descriptor(desc: Any) -> str:
@@ -46,10 +46,17 @@ class PeerRequestError(Exception):
 class PeerProcess:
     """Parent-side handle of a child transport endpoint."""
 
-    def __init__(self, transport: str, options: dict[str, Any] | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        transport: str,
+        options: dict[str, Any] | None = None,
+        *,
+        timeout: float = 30.0,
+        module: str = "pdfabric.testing.peer",
+    ) -> None:
         self.timeout = timeout
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pdfabric.testing.peer", "--transport", transport, "--options", json.dumps(options or {})],
+            [sys.executable, "-m", module, "--transport", transport, "--options", json.dumps(options or {})],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -117,7 +124,7 @@ class PeerProcess:
 # -- child side ------------------------------------------------------------------------------
 
 
-class _Child:
+class Child:
     def __init__(self, transport: str, options: dict[str, Any]) -> None:
         from pdfabric.transports import create
 
@@ -136,6 +143,11 @@ class _Child:
         r = region_of(buf)
         self.t.register([r])
         return {"addr": r.addr, "size": r.length}
+
+    def free_all(self) -> dict[str, Any]:
+        """Drop every buffer allocated so far (they stay registered; never reused by us)."""
+        self.buffers.clear()
+        return {}
 
     def descriptor(self) -> dict[str, Any]:
         return {"descriptor": encode_descriptor(self.t.descriptor())}
@@ -173,7 +185,8 @@ class _Child:
         return {"sha256": hashlib.sha256(view_of(Region(addr, size))).hexdigest()}
 
 
-def _serve(child: _Child) -> None:
+def serve(child: Child) -> None:
+    """Answer JSON-line requests on stdin until ``exit`` or EOF."""
     for line in sys.stdin:
         req = json.loads(line)
         op = req.pop("op")
@@ -187,19 +200,18 @@ def _serve(child: _Child) -> None:
             print(json.dumps({"ok": False, "error": type(e).__name__, "message": str(e)}), flush=True)
 
 
-def main() -> None:
+def main(child_class: type[Child] | None = None) -> None:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--transport", required=True)
     p.add_argument("--options", default="{}")
     args = p.parse_args()
-    child = _Child(args.transport, json.loads(args.options))
+    child = (child_class or Child)(args.transport, json.loads(args.options))
     try:
-        _serve(child)
+        serve(child)
     finally:
         child.t.close()
-        time.sleep(0)
 
 
 if __name__ == "__main__":

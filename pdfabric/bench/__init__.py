@@ -1,0 +1,1 @@
+"""Benchmarks shipped with pdfabric (``pdfabric bench ...``)."""

@@ -1,0 +1,349 @@
+"""Transfer-bandwidth benchmark: pdfabric transports vs baselines measured in the same run.
+
+Theory of operation
+-------------------
+The sender is this process, the receiver a child (``pdfabric.bench.child``). One round
+moves ``size`` bytes as blocks of ``block_size`` from scattered source blocks into
+scattered destination blocks (or, with ``--workload llama8b|tiny``, the blocks of a real
+KV geometry across all layers, mapped by ``pdfabric.layout``). A round is timed from
+``write`` to the receiver's acknowledgement, so it includes the whole push.
+
+Baselines, measured in the same run on the same sizes:
+- ``memcpy``: single-thread ``numpy.copyto`` of ``size`` contiguous bytes in-process;
+- ``raw_socket``: a plain Python TCP socket, ``sendall`` of one contiguous buffer to a
+  child that ``recv_into``s it and acks one byte;
+- ``shm_copy``: one copy into a shared-memory segment the child mapped.
+Ratios: network transports against ``raw_socket``, same-host ones against ``memcpy``.
+Latency: one 4 KiB block, one-way (write -> receiver's ``wait_recv`` returns, on the shared
+monotonic clock), against the raw socket's half round trip with 4 KiB each way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import socket
+import statistics
+import time
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from pdfabric.bench.child import RAW_HDR
+from pdfabric.memory import Region, region_of
+from pdfabric.testing.peer import PeerProcess, decode_descriptor
+from pdfabric.transports import PeerId, TransferId, TransferPlan, Transport, create
+from pdfabric.units import format_size
+
+__all__ = ["Row", "TransferBench", "WORKLOADS", "SAME_HOST", "run_benchmark"]
+
+SAME_HOST = {"shm", "loopback", "cuda_ipc"}
+WORKLOADS = {
+    # name: (layers, kv_heads, head_dim, block_size tokens, dtype bytes, layout kind)
+    "llama8b": (32, 8, 128, 16, 2, "flash_nhd"),
+    "tiny": (4, 2, 64, 32, 2, "cpu"),
+}
+_CHILD = "pdfabric.bench.child"
+
+
+@dataclass
+class Row:
+    transport: str
+    block_size: int
+    total_bytes: int
+    gbps: float
+    baseline: str
+    baseline_gbps: float
+    ratio: float
+    p50_us: float
+    p99_us: float
+    rounds: list[float] = dataclasses.field(default_factory=list)
+    workload: str = "blocks"
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _median_gbps(nbytes: int, seconds: Sequence[float]) -> float:
+    return nbytes / statistics.median(seconds) / 1e9
+
+
+class TransferBench:
+    """Holds the processes and buffers of one benchmark run; ``close()`` stops them."""
+
+    def __init__(self, rounds: int, progress: Callable[[], None] = lambda: None, seed: int = 0) -> None:
+        self.rounds = rounds
+        self.progress = progress
+        self.rng = np.random.default_rng(seed)
+        self._children: list[PeerProcess] = []
+        self._transports: list[Transport] = []
+        self._keep: list[np.ndarray] = []
+
+    def close(self) -> None:
+        for t in self._transports:
+            t.close()
+        for c in self._children:
+            c.close()
+
+    def _child(self, transport: str, options: dict[str, Any]) -> PeerProcess:
+        c = PeerProcess(transport, options, module=_CHILD, timeout=120)
+        self._children.append(c)
+        return c
+
+    # -- baselines (each an object whose round() is interleaved with the transport's) --
+    def baseline(self, kind: str, size: int, echo: bool = False) -> "Baseline":
+        cls = {"memcpy": Memcpy, "raw_socket": RawSocket, "shm_copy": ShmCopy}[kind]
+        return cls(self, size, echo)
+
+    # -- transports ----------------------------------------------------------------------
+    def open_transport(self, name: str, options: dict[str, Any]) -> tuple[Transport, PeerProcess, PeerId]:
+        child = self._child(name, options)
+        t = create(name, **options)
+        self._transports.append(t)
+        peer = t.connect(decode_descriptor(child.request("descriptor")["descriptor"]))
+        return t, child, peer
+
+    def pools(self, t: Transport, child: PeerProcess, size: int) -> tuple[int, int]:
+        """A source pool here and a destination pool in the child, each twice ``size``;
+        the previous pools are freed first."""
+        self._keep = []
+        child.request("free_all")
+        pool = self.rng.integers(0, 256, 2 * size, dtype=np.uint8)
+        self._keep.append(pool)
+        t.register([region_of(pool)])
+        return region_of(pool).addr, child.request("alloc", size=2 * size)["addr"]
+
+    def plan_blocks(self, size: int, block: int, src_base: int, dst_base: int) -> tuple[list[Region], list[list[int]]]:
+        """Scattered source blocks -> scattered destination blocks, both in 2x pools."""
+        n = max(1, size // block)
+        s_ids = self.rng.permutation(2 * n)[:n]
+        d_ids = self.rng.permutation(2 * n)[:n]
+        src = [Region(src_base + int(i) * block, block) for i in s_ids]
+        dsts = [[dst_base + int(j) * block, block] for j in d_ids]
+        return src, dsts
+
+    def plan_kv(
+        self, t: Transport, child: PeerProcess, size: int, workload: str
+    ) -> tuple[list[Region], list[list[int]], int]:
+        """All layers of ``n`` scattered blocks of a real KV geometry (pdfabric.layout)."""
+        from pdfabric.layout import KVGeometry, KVLayout, pair_regions
+
+        layers, heads, hd, bs, esz, kind = WORKLOADS[workload]
+        per_block = 2 * layers * heads * hd * bs * esz
+        n = max(1, size // per_block)
+        geo = KVGeometry(kind, layers, 2 * n, bs, heads, hd, "bfloat16", esz)  # type: ignore[arg-type]
+        child.request("free_all")
+        pools = [self.rng.integers(0, 256, geo.layer_bytes, dtype=np.uint8) for _ in range(layers)]
+        self._keep = pools
+        t.register([region_of(p) for p in pools])
+        src_layout = KVLayout.from_geometry(geo, [region_of(p).addr for p in pools])
+        addrs = [child.request("alloc", size=geo.layer_bytes)["addr"] for _ in range(layers)]
+        dst_layout = KVLayout.from_geometry(geo, addrs)
+        s_ids = self.rng.permutation(2 * n)[:n].tolist()
+        d_ids = self.rng.permutation(2 * n)[:n].tolist()
+        pairs = pair_regions(src_layout, s_ids, dst_layout, d_ids)
+        return [p[0] for p in pairs], [[p[1].addr, p[1].length] for p in pairs], geo.segment_bytes
+
+    def transfer_rounds(
+        self, t: Transport, child: PeerProcess, peer: PeerId, src: list[Region], dst: list[list[int]], base: "Baseline"
+    ) -> tuple[list[float], list[float]]:
+        """Alternate one transfer round and one baseline round; (ours, baseline) seconds."""
+        dst_r = tuple(Region(a, n) for a, n in dst)
+        ours, theirs = [], []
+        for i in range(self.rounds + 1):
+            tid = f"bw-{id(src)}-{i}"
+            child.request("grant", tid=tid, regions=dst)
+            t0 = time.perf_counter()
+            h = t.write(peer, TransferPlan(TransferId(tid), tuple(src), dst_r))
+            t.wait(h, 120)
+            dt = time.perf_counter() - t0
+            child.request("wait_recv", tid=tid, timeout=30)
+            b = base.round()
+            if i:  # round 0 warms both up
+                ours.append(dt)
+                theirs.append(b)
+                self.progress()
+        return ours, theirs
+
+    def latency(self, t: Transport, child: PeerProcess, peer: PeerId, iters: int) -> tuple[list[float], list[float]]:
+        """One-way 4 KiB latency (write -> the receiver's wait_recv returning) and the raw
+        socket's half round trip with 4 KiB each way, interleaved."""
+        block = 4096
+        buf = np.ones(block, dtype=np.uint8)
+        self._keep = [buf]
+        t.register([region_of(buf)])
+        dst = child.request("alloc", size=block)["addr"]
+        tids = [f"lat-{id(buf)}-{i}" for i in range(iters)]
+        child.request("grant_many", tids=tids, regions=[[dst, block]])
+        assert child.proc.stdin is not None
+        child.proc.stdin.write(json.dumps({"op": "recv_times", "tids": tids}) + "\n")
+        child.proc.stdin.flush()
+        starts, theirs = [], []
+        with RawSocket(self, block, echo=True) as raw:
+            for tid in tids:
+                theirs.append(raw.round() / 2)
+                starts.append(time.perf_counter_ns())
+                t.wait(t.write(peer, TransferPlan(TransferId(tid), (region_of(buf),), (Region(dst, block),))), 10)
+        line = child.proc.stdout.readline() if child.proc.stdout else ""
+        ends = json.loads(line)["times"]
+        warm = iters // 10
+        return [(e - s) / 1e9 for s, e in zip(starts, ends)][warm:], theirs[warm:]
+
+
+def _row(transport: str, block: int, nbytes: int, seconds: list[float], base: str, base_s: list[float], workload: str) -> Row:
+    gbps = _median_gbps(nbytes, seconds)
+    bgbps = _median_gbps(nbytes, base_s)
+    return Row(
+        transport, block, nbytes, gbps, base, bgbps, gbps / bgbps,
+        _pct(seconds, 50) * 1e6, _pct(seconds, 99) * 1e6, [nbytes / s / 1e9 for s in seconds], workload,
+    )  # fmt: skip
+
+
+def run_benchmark(
+    transports: Sequence[str],
+    sizes: Sequence[int],
+    blocks: Sequence[int],
+    rounds: int,
+    *,
+    workload: str = "blocks",
+    options: dict[str, dict[str, Any]] | None = None,
+    latency_iters: int = 200,
+    progress: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """Run every (transport, size, block) and the baselines; returns the JSON document."""
+    bench = TransferBench(rounds, progress)
+    rows: list[Row] = []
+    baselines: dict[str, dict[str, float]] = {}
+    try:
+        for name in transports:
+            t, child, peer = bench.open_transport(name, (options or {}).get(name, {}))
+            kind = "memcpy" if name in SAME_HOST else "raw_socket"
+            for size in sizes:
+                if workload == "blocks":
+                    src_base, dst_base = bench.pools(t, child, size)
+                for block in blocks if workload == "blocks" else [0]:
+                    if workload == "blocks":
+                        src, dst = bench.plan_blocks(size, block, src_base, dst_base)
+                    else:
+                        src, dst, block = bench.plan_kv(t, child, size, workload)
+                    nbytes = sum(r.length for r in src)
+                    with bench.baseline(kind, nbytes) as base:
+                        ours, theirs = bench.transfer_rounds(t, child, peer, src, dst, base)
+                    rows.append(_row(name, block, nbytes, ours, kind, theirs, workload))
+            if latency_iters:
+                lat, raw = bench.latency(t, child, peer, latency_iters)
+                rows.append(_row(name, 4096, 4096, lat, "raw_socket_half_rtt", raw, "latency"))
+            progress()
+        for size in sizes:  # all three baselines on their own, for reference
+            for kind in ("memcpy", "raw_socket", "shm_copy"):
+                with bench.baseline(kind, size) as base:
+                    secs = [base.round() for _ in range(rounds + 1)][1:]
+                baselines.setdefault(kind, {})[format_size(size)] = _median_gbps(size, secs)
+    finally:
+        bench.close()
+    return {
+        "benchmark": "transfer_bandwidth",
+        "meta": {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "rounds": rounds,
+            "workload": workload,
+        },
+        "baselines": baselines,
+        "results": [dataclasses.asdict(r) for r in rows],
+    }
+
+
+class Baseline:
+    """One baseline at one size; ``round()`` returns seconds for ``size`` bytes."""
+
+    def __init__(self, bench: TransferBench, size: int, echo: bool = False) -> None:
+        self.bench, self.size, self.echo = bench, size, echo
+
+    def round(self) -> float:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Baseline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Memcpy(Baseline):
+    """Single-thread memcpy (numpy.copyto) of ``size`` contiguous bytes."""
+
+    def __init__(self, bench: TransferBench, size: int, echo: bool = False) -> None:
+        super().__init__(bench, size)
+        self.src = bench.rng.integers(0, 256, size, dtype=np.uint8)
+        self.dst = np.zeros_like(self.src)
+
+    def round(self) -> float:
+        t0 = time.perf_counter()
+        np.copyto(self.dst, self.src)
+        return time.perf_counter() - t0
+
+
+class ShmCopy(Baseline):
+    """One copy into a shared-memory segment that another process mapped."""
+
+    def __init__(self, bench: TransferBench, size: int, echo: bool = False) -> None:
+        from multiprocessing import resource_tracker
+
+        super().__init__(bench, size)
+        self.child = PeerProcess("loopback", {}, module=_CHILD, timeout=120)
+        name = self.child.request("shm_create", size=size)["name"]
+        self.shm = shared_memory.SharedMemory(name=name)
+        resource_tracker.unregister(self.shm._name, "shared_memory")  # type: ignore[attr-defined]  # the child owns it
+        self.view = np.ndarray(size, dtype=np.uint8, buffer=self.shm.buf)
+        self.src = bench.rng.integers(0, 256, size, dtype=np.uint8)
+
+    def round(self) -> float:
+        t0 = time.perf_counter()
+        np.copyto(self.view, self.src)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        try:
+            got = self.child.request("shm_sum", size=self.size)
+            assert got["first"] == self.src[0] and got["last"] == self.src[-1], "shared-memory baseline lost data"
+        finally:
+            del self.view
+            self.shm.close()
+            self.child.request("close_extras")
+            self.child.close()
+
+
+class RawSocket(Baseline):
+    """A plain Python TCP socket to a child: sendall ``size`` bytes, 1-byte ack (or echo)."""
+
+    def __init__(self, bench: TransferBench, size: int, echo: bool = False) -> None:
+        super().__init__(bench, size, echo)
+        self.child = PeerProcess("loopback", {}, module=_CHILD, timeout=120)
+        port = self.child.request("raw_listen", size=size)["port"]
+        self.src = bench.rng.integers(0, 256, size, dtype=np.uint8)
+        self.back = bytearray(size if echo else 1)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def round(self) -> float:
+        t0 = time.perf_counter()
+        self.sock.sendall(RAW_HDR.pack(self.size, int(self.echo)))
+        self.sock.sendall(self.src)
+        self.sock.recv_into(self.back, len(self.back), socket.MSG_WAITALL)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.sock.close()
+        self.child.request("close_extras")
+        self.child.close()

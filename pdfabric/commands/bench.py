@@ -1,0 +1,134 @@
+"""``pdfabric bench transfer``: the transfer-bandwidth benchmark (see pdfabric.bench.transfer)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+__all__ = ["register", "add_transfer_args", "run_transfer"]
+
+
+def _sizes(text: str) -> list[int]:
+    from pdfabric.units import parse_size
+
+    try:
+        return [parse_size(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_transfer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--transport", default="tcp,shm", help="comma list of transports (default: tcp,shm)")
+    p.add_argument("--size", type=_sizes, default="64MiB", help="bytes per transfer, comma list (default: 64MiB)")
+    p.add_argument("--block-size", type=_sizes, default="64KiB,256KiB,2MiB", help="block sizes, comma list")
+    p.add_argument("--workload", choices=["blocks", "llama8b", "tiny"], default="blocks",
+                   help="blocks: size/block-size scattered blocks; llama8b/tiny: all layers of a real KV geometry")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per row (median reported; >= 3)")
+    p.add_argument("--streams", type=int, default=None, help="tcp: parallel connections per peer")
+    p.add_argument("--latency-iters", type=int, default=200, help="4 KiB latency samples (0 to skip)")
+    p.add_argument("--json", metavar="FILE", help="write every row as JSON")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG plot of GB/s vs block size (needs matplotlib)")
+
+
+def register(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks with same-run baselines.")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+    p = bsub.add_parser("transfer", help="transfer bandwidth and latency per transport vs baselines")
+    add_transfer_args(p)
+    p.set_defaults(func=run_transfer)
+    bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
+
+
+def _table(doc: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    from pdfabric.units import format_size
+
+    t = Table(title=f"pdfabric transfer benchmark (median of {doc['meta']['rounds']} rounds)")
+    for col in ("transport", "workload", "block", "total", "GB/s", "baseline", "base GB/s", "ratio", "p50 us", "p99 us"):
+        t.add_column(col, justify="left" if col in ("transport", "workload", "baseline") else "right")
+    for r in doc["results"]:
+        lat = r["workload"] == "latency"
+        t.add_row(
+            r["transport"], r["workload"], format_size(r["block_size"]), format_size(r["total_bytes"]),
+            "-" if lat else f"{r['gbps']:.2f}", r["baseline"], "-" if lat else f"{r['baseline_gbps']:.2f}",
+            f"{r['ratio']:.2f}" if not lat else f"{r['baseline_gbps'] / r['gbps']:.2f}x",
+            f"{r['p50_us']:.1f}", f"{r['p99_us']:.1f}",
+        )  # fmt: skip
+    return t
+
+
+def _plot(doc: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib: pip install 'pdfabric[plot]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = [r for r in doc["results"] if r["workload"] == "blocks"]
+    for name in sorted({r["transport"] for r in rows}):
+        pts = sorted((r["block_size"], r["gbps"]) for r in rows if r["transport"] == name)
+        ax.plot([p[0] / 1024 for p in pts], [p[1] for p in pts], marker="o", label=name)
+    for kind, by_size in doc["baselines"].items():
+        for size, gbps in by_size.items():
+            ax.axhline(gbps, linestyle="--", linewidth=1, label=f"{kind} ({size})", color="grey" if "socket" in kind else None)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("block size (KiB)")
+    ax.set_ylabel("GB/s (median)")
+    ax.set_title("pdfabric transfer bandwidth")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from pdfabric.bench.transfer import run_benchmark
+    from pdfabric.errors import FabricError
+    from pdfabric.transports import TRANSPORTS
+
+    names = [x.strip() for x in args.transport.split(",") if x.strip()]
+    err = Console(stderr=True)
+    for n in names:
+        if n not in TRANSPORTS or n == "loopback":
+            err.print(f"error: --transport: {n!r} is not a benchmarkable transport; expected some of "
+                      f"{', '.join(sorted(set(TRANSPORTS) - {'loopback'}))}")  # fmt: skip
+            return 2
+    if args.rounds < 3:
+        err.print(f"error: --rounds: at least 3 rounds are needed for a median, got {args.rounds}")
+        return 2
+    sizes = args.size if isinstance(args.size, list) else _sizes(args.size)
+    blocks = args.block_size if isinstance(args.block_size, list) else _sizes(args.block_size)
+    options = {"tcp": {"streams": args.streams}} if args.streams else {}
+    per_t = len(sizes) * (len(blocks) if args.workload == "blocks" else 1) * args.rounds + 1
+    with Progress(console=err, transient=True) as prog:
+        task = prog.add_task("transfer benchmark", total=per_t * len(names))
+        try:
+            doc = run_benchmark(names, sizes, blocks, args.rounds, workload=args.workload, options=options,
+                                latency_iters=args.latency_iters, progress=lambda: prog.advance(task))  # fmt: skip
+        except FabricError as e:
+            err.print(f"error: {e}")
+            return 1
+    Console().print(_table(doc))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+    if args.plot:
+        _plot(doc, args.plot)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="transfer_bandwidth", description="pdfabric transfer-bandwidth benchmark")
+    add_transfer_args(p)
+    return run_transfer(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

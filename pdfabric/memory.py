@@ -39,6 +39,8 @@ def region_of(buf: Any) -> Region:
         return Region(int(buf.data_ptr()), int(buf.numel() * buf.element_size()))
     if hasattr(buf, "__array_interface__"):  # numpy
         iface = buf.__array_interface__
+        if iface["data"][1]:
+            raise ValueError("array is read-only; transports need writable memory")
         if iface.get("strides") is not None and not buf.flags["C_CONTIGUOUS"]:
             raise ValueError("array must be C-contiguous to be used as one region")
         return Region(int(iface["data"][0]), int(buf.nbytes))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 __all__ = ["parse_size", "format_size"]
 
@@ -25,29 +26,28 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
+_FORMS = "a size like '4GiB', '256KiB', '64MB' or a byte count"
+
+
 def parse_size(value: str | int) -> int:
     """Parse ``"4GiB"``, ``"256 KiB"``, ``"1.5MB"`` or a plain integer into bytes.
 
     Binary units (KiB, MiB, GiB, TiB) are powers of 1024, decimal units (KB, MB, ...)
-    powers of 1000; a bare number is bytes. Raises ``ValueError`` naming the accepted forms.
+    powers of 1000; a bare number is bytes. Arithmetic is exact (no floats). Raises
+    ``ValueError`` naming the accepted forms.
     """
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size like '4GiB' or a byte count, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected {_FORMS}, got {value!r} ({type(value).__name__})")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"expected a non-negative size, got {value}")
+            raise ValueError(f"expected {_FORMS}, non-negative; got {value}")
         return value
-    if not isinstance(value, str):
-        raise ValueError(f"expected a size like '4GiB' or a byte count, got {type(value).__name__}")
     m = _SIZE_RE.match(value)
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(
-            f"expected a size like '4GiB', '256KiB', '64MB' or a byte count, got {value!r}"
-        )
-    number = float(m.group(1))
-    result = number * _UNITS[m.group(2).lower()]
-    if result != int(result):
-        raise ValueError(f"size {value!r} is not a whole number of bytes")
+        raise ValueError(f"expected {_FORMS}, got {value!r}")
+    result = Fraction(m.group(1)) * _UNITS[m.group(2).lower()]
+    if result.denominator != 1:
+        raise ValueError(f"expected {_FORMS} that is a whole number of bytes, got {value!r}")
     return int(result)
 
 

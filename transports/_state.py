@@ -68,7 +68,9 @@ def first_outside(starts: np.ndarray, ends: np.ndarray, addrs: np.ndarray, lens:
                 return k
         return -1
     i = np.searchsorted(starts, addrs, side="right").astype(np.int64) - 1
-    ok = (i >= 0) & (addrs + lens <= ends[np.maximum(i, 0)])
+    end = ends[np.maximum(i, 0)]
+    # lens <= end - addrs, not addrs + lens <= end: uint64 addition could wrap around
+    ok = (i >= 0) & (addrs <= end) & (lens <= end - np.minimum(addrs, end))
     bad = np.flatnonzero(~ok)
     return int(bad[0]) if len(bad) else -1
 
@@ -258,7 +260,8 @@ class GrantTable:
                 transport=self._transport,
             )
         with self._lock:
-            self._grants.pop(tid, None)
+            if self._grants.get(tid) is g:  # the id may have been granted anew meanwhile
+                del self._grants[tid]
         if g.status is Status.DONE:
             return RecvResult(g.tid, g.received, g.notify)
         assert g.error is not None

@@ -119,8 +119,9 @@ def coalesce_plan(plan: TransferPlan) -> np.ndarray:
 
 
 def split_streams(pieces: np.ndarray, k: int, min_bytes: int) -> list[np.ndarray]:
-    """Cut pieces into at most ``k`` parts of about equal bytes (none under ``min_bytes``),
-    splitting a piece that straddles a boundary. Order and every byte are kept."""
+    """Cut pieces into at most ``k`` parts of about equal bytes, splitting a piece that
+    straddles a boundary. ``k`` is lowered so that parts average at least ``min_bytes``
+    (the last part may be smaller than the others). Order and every byte are kept."""
     total = int(pieces[:, 2].sum()) if len(pieces) else 0
     k = max(1, min(k, total // max(1, min_bytes)))
     if k == 1:

@@ -35,6 +35,10 @@ def transport_class(name: str) -> type[Transport]:
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
+        if e.name == module:
+            raise TransportUnavailable(
+                f"transport {name!r} is not implemented in pdfabric {_version()} yet", transport=name
+            ) from e
         fix = f" - {hint}" if hint else ""
         raise TransportUnavailable(f"transport {name!r} is not available: {e}{fix}", transport=name) from e
     result: type[Transport] = getattr(mod, cls)
@@ -67,3 +71,9 @@ def local_host_id() -> str:
     except OSError:
         boot = "noboot"
     return f"{socket.gethostname()}/{boot}"
+
+
+def _version() -> str:
+    from pdfabric import __version__
+
+    return __version__

@@ -107,7 +107,7 @@ class ShmTransport(StreamTransport):
 
     def _receive(self, ctx: _ConnCtx, tid: str, count: int, body_len: int) -> None:
         t = np.frombuffer(ctx.reader.read(24 * count), dtype=">u8").reshape(count, 3).astype(np.uint64)
-        if int(t[:, 2].sum()) != body_len:
+        if sum(t[:, 2].tolist()) != body_len:  # Python ints: no wrap-around
             raise FrameError(f"PULL frame announces {body_len} bytes but its segments add up differently", transfer_id=tid)
         dst = iovecs(t[:, 1], t[:, 2])
         token = self._grants.begin_write(tid, dst, ctx.peer, ctx)

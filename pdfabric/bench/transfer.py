@@ -228,6 +228,8 @@ def run_benchmark(
                 if workload == "blocks":
                     src_base, dst_base = bench.pools(t, child, size)
                 for block in blocks if workload == "blocks" else [0]:
+                    if workload == "blocks" and block > size:
+                        continue  # a transfer smaller than one block is not a row
                     if workload == "blocks":
                         src, dst = bench.plan_blocks(size, block, src_base, dst_base)
                     else:

@@ -115,7 +115,9 @@ def run_transfer(args: argparse.Namespace) -> int:
         except FabricError as e:
             err.print(f"error: {e}")
             return 1
-    Console().print(_table(doc))
+    out = Console()
+    out.width = max(out.width, 132)  # the table has ten columns; do not squeeze them
+    out.print(_table(doc))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)

@@ -1,0 +1,71 @@
+"""The transfer benchmark as a user runs it: real child processes, JSON schema, bad flags."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROW_KEYS = {"transport", "block_size", "total_bytes", "gbps", "baseline", "baseline_gbps", "ratio", "p50_us", "p99_us"}
+
+
+def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pdfabric.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_bench_transfer_small_run_writes_json_and_table(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = _run("bench", "transfer", "--transport", "tcp,shm", "--size", "1MiB", "--block-size", "64KiB,256KiB",
+             "--rounds", "3", "--latency-iters", "20", "--json", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "tcp" in r.stdout and "shm" in r.stdout and "raw_socket" in r.stdout
+    doc = json.loads(out.read_text())
+    rows = doc["results"]
+    bw = [x for x in rows if x["workload"] == "blocks"]
+    assert {(x["transport"], x["block_size"]) for x in bw} == {
+        (t, b) for t in ("tcp", "shm") for b in (65536, 262144)
+    }
+    for x in rows:
+        assert ROW_KEYS <= set(x), x
+        assert x["gbps"] > 0 and x["baseline_gbps"] > 0
+        assert abs(x["ratio"] - x["gbps"] / x["baseline_gbps"]) < 1e-9
+        assert len(x["rounds"]) >= 3
+    assert {x["baseline"] for x in bw if x["transport"] == "tcp"} == {"raw_socket"}
+    assert {x["baseline"] for x in bw if x["transport"] == "shm"} == {"memcpy"}
+    assert {x["transport"] for x in rows if x["workload"] == "latency"} == {"tcp", "shm"}
+    assert set(doc["baselines"]) == {"memcpy", "raw_socket", "shm_copy"}
+
+
+def test_bench_kv_workload_uses_real_geometry(tmp_path: Path) -> None:
+    out = tmp_path / "kv.json"
+    r = _run("bench", "transfer", "--transport", "tcp", "--workload", "tiny", "--size", "2MiB",
+             "--rounds", "3", "--latency-iters", "0", "--json", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(out.read_text())["results"]
+    per_block = 2 * 4 * 2 * 64 * 32 * 2  # K+V, layers, kv heads, head dim, tokens, bf16
+    assert row["workload"] == "tiny" and row["total_bytes"] % per_block == 0
+    assert row["block_size"] == per_block // 4  # one layer's region of one block (cpu layout)
+
+
+def test_bench_bad_flags_exit_2_without_traceback() -> None:
+    for args, needle in (
+        (["--transport", "carrier-pigeon"], "carrier-pigeon"),
+        (["--transport", "tcp", "--rounds", "1"], "--rounds"),
+        (["--transport", "tcp", "--size", "12 parsecs"], "12 parsecs"),
+    ):
+        r = _run("bench", "transfer", *args, timeout=60)
+        assert r.returncode == 2, (args, r.returncode, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_help_lists_subcommands() -> None:
+    r = _run("--help", timeout=60)
+    assert r.returncode == 0
+    for cmd in ("config", "bench"):
+        assert cmd in r.stdout
+    r = _run(timeout=60)
+    assert r.returncode == 2 and "usage" in r.stdout

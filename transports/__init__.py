@@ -18,7 +18,7 @@ from .base import (
     TransferPlan,
     Transport,
 )
-from .registry import TRANSPORTS, available, create, transport_class
+from .registry import TRANSPORTS, available, create, create_from_config, transport_class
 
 __all__ = [
     "Capabilities",
@@ -34,5 +34,6 @@ __all__ = [
     "TRANSPORTS",
     "available",
     "create",
+    "create_from_config",
     "transport_class",
 ]

@@ -16,10 +16,11 @@ import ctypes
 import errno
 import os
 import socket
+from typing import Callable
 
 import numpy as np
 
-from pdfabric.errors import FrameError, PeerGone, TransportUnavailable
+from pdfabric.errors import FrameError, PeerGone, TransferAborted, TransportUnavailable
 
 __all__ = ["IOV_MAX", "iovecs", "advance", "send_iov", "recv_iov", "cma_read"]
 
@@ -118,7 +119,10 @@ def recv_iov(fd: int, iov: np.ndarray) -> int:
     return total
 
 
-def cma_read(pid: int, src: np.ndarray, dst: np.ndarray) -> int:
+_CMA_CHUNK = 64 << 20  # bytes per process_vm_readv, so a cancelled transfer stops soon
+
+
+def cma_read(pid: int, src: np.ndarray, dst: np.ndarray, cancelled: Callable[[], bool] = lambda: False) -> int:
     """Copy from process ``pid``'s ``src`` iovecs into our ``dst`` iovecs (same lengths,
     pairwise); one kernel copy. Returns bytes copied.
 
@@ -127,8 +131,17 @@ def cma_read(pid: int, src: np.ndarray, dst: np.ndarray) -> int:
     src, dst = np.ascontiguousarray(src), np.ascontiguousarray(dst)
     done = 0
     while len(dst):
-        k = min(IOV_MAX, len(dst))
-        got = _vm_readv(pid, _ptr(dst), k, _ptr(src), k, 0)
+        if cancelled():
+            raise TransferAborted(f"copy from pid {pid} stopped after {done} bytes: transfer ended")
+        # at most IOV_MAX rows and about _CMA_CHUNK bytes per call (the last row may be cut)
+        ends = np.cumsum(dst[:IOV_MAX, 1])
+        k = int(np.searchsorted(ends, _CMA_CHUNK, side="right"))  # rows that fit whole
+        if k == 0:  # the first row alone is over the chunk: copy a chunk of it
+            one_d, one_s = dst[:1].copy(), src[:1].copy()
+            one_d[0, 1] = one_s[0, 1] = _CMA_CHUNK
+            got = _vm_readv(pid, _ptr(one_d), 1, _ptr(one_s), 1, 0)
+        else:
+            got = _vm_readv(pid, _ptr(dst), k, _ptr(src), k, 0)
         if got < 0:
             err = ctypes.get_errno()
             if err == errno.EINTR:

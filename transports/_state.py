@@ -196,7 +196,8 @@ class GrantTable:
         self._idle = threading.Condition(self._lock)
         self._grants: dict[str, _Grant] = {}
         self._finished: collections.OrderedDict[str, Status] = collections.OrderedDict()
-        self._rejections: list[Rejection] = []
+        self._rejections: collections.deque[Rejection] = collections.deque(maxlen=_FINISHED_MEMORY)
+        self.rejected_total = 0
         self._closed = False
 
     # -- owner API ---------------------------------------------------------------------
@@ -225,23 +226,31 @@ class GrantTable:
     def revoke(self, tid: str) -> None:
         """Withdraw the grant whatever its state; a waiter gets TransferAborted.
 
-        Returns once no write into the grant's memory is in progress: a write on the wire
-        gets ``drain_s`` to finish, then its connection is cut."""
+        Returns once no write into the grant's memory is in progress (see ``_drain``)."""
         with self._lock:
             g = self._grants.get(tid)
         err = TransferAborted("grant revoked", transfer_id=tid, transport=self._transport)
         self._finish(tid, Status.ABORTED, err)
         with self._lock:
-            self._grants.pop(tid, None)
-            if g is None or self._idle.wait_for(lambda: g.active == 0, self._drain_s):
+            if self._grants.get(tid) is g:
+                self._grants.pop(tid, None)
+        if g is not None:
+            self._drain(g)
+
+    def _drain(self, g: _Grant) -> None:
+        """Return only when no write into ``g`` is open: a write on the wire gets
+        ``drain_s`` to finish, then its connection is cut and we wait until it stopped.
+        Every path that hands a grant's memory back to its owner goes through here."""
+        with self._lock:
+            if self._idle.wait_for(lambda: g.active == 0, self._drain_s):
                 return
             stuck = list(g.writers)
         for conn in stuck:
             if self._kill_conn is not None:
                 self._kill_conn(conn)
         with self._lock:
-            if not self._idle.wait_for(lambda: g.active == 0, 10 * self._drain_s):
-                log.error("grant %s: a write did not stop after its connection was cut", tid)
+            while not self._idle.wait_for(lambda: g.active == 0, 10 * self._drain_s):
+                log.error("grant %s: a write is still open after its connection was cut; waiting", g.tid)
 
     def wait(self, tid: str, timeout: float) -> RecvResult:
         with self._lock:
@@ -262,6 +271,7 @@ class GrantTable:
         with self._lock:
             if self._grants.get(tid) is g:  # the id may have been granted anew meanwhile
                 del self._grants[tid]
+        self._drain(g)  # a failed transfer may still have another stream writing into it
         if g.status is Status.DONE:
             return RecvResult(g.tid, g.received, g.notify)
         assert g.error is not None
@@ -321,6 +331,12 @@ class GrantTable:
         self.reject(tid, peer, f"write of {length} bytes at {addr:#x} is outside the grant")
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def cancelled(token: object) -> bool:
+        """True once the grant behind ``token`` finished (failed, revoked): stop copying."""
+        assert isinstance(token, _Grant)
+        return token.status.finished
+
     def end_write(self, token: object, conn: Hashable, n: int) -> None:
         g = token
         assert isinstance(g, _Grant)
@@ -336,6 +352,7 @@ class GrantTable:
         """Count a refusal that is not tied to a grant (a malformed frame)."""
         with self._lock:
             self._rejections.append(rejection)
+            self.rejected_total += 1
         log.warning("refused frame: %s [transport=%s peer=%s]", rejection.reason, self._transport, rejection.peer)
 
     def reject(self, tid: str, peer: str, reason: str) -> None:
@@ -345,6 +362,7 @@ class GrantTable:
         timing out on bytes that will never come."""
         with self._lock:
             self._rejections.append(Rejection(tid, peer, reason))
+            self.rejected_total += 1
         log.warning("refused write: %s [transport=%s peer=%s transfer=%s]", reason, self._transport, peer, tid)
         err = GrantRefused(reason, transfer_id=tid, peer=peer, transport=self._transport)
         self._finish(tid, Status.FAILED, err)

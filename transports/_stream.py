@@ -58,7 +58,7 @@ from .base import (
     Transport,
 )
 
-__all__ = ["StreamTransport", "coalesce_plan", "split_streams"]
+__all__ = ["StreamTransport", "coalesce_plan", "check_no_overlap", "split_streams"]
 
 log = logging.getLogger("pdfabric.transports")
 
@@ -118,6 +118,17 @@ def coalesce_plan(plan: TransferPlan) -> np.ndarray:
     return np.stack([src[idx], dst[idx], np.add.reduceat(ln, idx)], axis=1)
 
 
+def check_no_overlap(pieces: np.ndarray, tid: str) -> None:
+    """A plan must not name any destination byte twice: the receiver counts bytes, so a
+    duplicate would hide a block that never arrived."""
+    if len(pieces) < 2:
+        return
+    d = pieces[np.argsort(pieces[:, 1], kind="stable")]
+    bad = np.flatnonzero(d[1:, 1] - d[:-1, 1] < d[:-1, 2])
+    if len(bad):
+        raise ValueError(f"plan {tid}: destination bytes at {int(d[bad[0] + 1, 1]):#x} are written twice")
+
+
 def split_streams(pieces: np.ndarray, k: int, min_bytes: int) -> list[np.ndarray]:
     """Cut pieces into at most ``k`` parts of about equal bytes, splitting a piece that
     straddles a boundary. ``k`` is lowered so that parts average at least ``min_bytes``
@@ -150,7 +161,7 @@ class StreamTransport(Transport):
 
     data_frame: w.FrameType
     min_stream_bytes = 1 << 20
-    inline_bytes = 64 << 10
+    inline_bytes = 16 << 10
 
     def __init__(self, *, streams: int, connect_timeout_s: float, transfer_timeout_s: float) -> None:
         if streams < 1:
@@ -370,6 +381,7 @@ class StreamTransport(Transport):
 
     def _ensure_streams(self, link: _Link, k: int, timeout: float) -> list[_Stream]:
         with link.lock:
+            self._check_open()
             out = []
             for i in range(k):
                 s = link.streams[i]
@@ -406,6 +418,9 @@ class StreamTransport(Transport):
             if isinstance(e, TransportError) and not isinstance(e, PeerGone):
                 raise
             raise ConnectError(f"handshake with {desc.endpoint} failed: {e}", peer=link.label, transport=self.name) from e
+        if self._closed:
+            sock.close()
+            raise TransportClosed("transport closed", transport=self.name)
         stream = _Stream(sock, link.label)
         stream.threads = [
             self._spawn(self._send_loop, "send", link, stream),
@@ -422,6 +437,7 @@ class StreamTransport(Transport):
             raise ValueError(f"notify payload of {len(notify)} bytes is over {MAX_NOTIFY_BYTES}")
         pieces = coalesce_plan(plan)
         self._mem.check(pieces[:, 0], pieces[:, 2])  # RegistrationError for unregistered sources
+        check_no_overlap(pieces, plan.transfer_id)
         parts = split_streams(pieces, self.streams, self.min_stream_bytes)
         streams = self._ensure_streams(link, len(parts), self.connect_timeout_s)
         tid = plan.transfer_id
@@ -431,12 +447,16 @@ class StreamTransport(Transport):
                 raise ValueError(f"transfer {tid} to this peer is already in flight")
             link.pending[tid] = _Pending(handle, len(parts))
         for stream, part in zip(streams, parts):
-            stream.inflight.add(tid)
             job = (tid, part, len(parts), plan.nbytes, notify)
             # Small parts go out on the caller's thread when the stream is idle: it saves a
             # thread hand-off (~50-100 us) and a small sendmsg does not block.
+            # Inline only when nothing is in flight on the stream (its socket buffer is then
+            # empty, so a send of <= 16 KiB cannot block).
+            idle = not stream.inflight
+            stream.inflight.add(tid)
             if (
-                int(part[:, 2].sum()) <= self.inline_bytes
+                idle
+                and int(part[:, 2].sum()) <= self.inline_bytes
                 and stream.jobs.empty()
                 and stream.send_lock.acquire(blocking=False)
             ):
@@ -446,6 +466,10 @@ class StreamTransport(Transport):
                     stream.send_lock.release()
             else:
                 stream.jobs.put(job)
+                if stream.dead is not None or not stream.threads[0].is_alive():
+                    self._fail_queued(link, stream, "stream closed")
+        if self._closed:  # close() ran while we registered: it may not have seen this transfer
+            self._fail(link, tid, TransportClosed("transport closed", transfer_id=tid, transport=self.name))
         return handle
 
     def _send_loop(self, link: _Link, stream: _Stream) -> None:
@@ -463,7 +487,8 @@ class StreamTransport(Transport):
         if p is None or p.handle.status.finished:
             return
         if stream.dead is not None:
-            self._fail(link, tid, stream.dead)
+            why = stream.dead.message
+            self._fail(link, tid, PeerGone(f"connection closed: {why}", transfer_id=tid, peer=link.label, transport=self.name))
             return
         tid_b = tid.encode()
         body = w.END_BODY.pack(int(part[:, 2].sum()), total, nparts) + notify
@@ -512,7 +537,19 @@ class StreamTransport(Transport):
         sender = stream.threads[0] if stream.threads else None
         if sender is not None and sender is not threading.current_thread():
             sender.join(_JOIN_S)
+        self._fail_queued(link, stream, why)
         stream.sock.close()
+
+    def _fail_queued(self, link: _Link, stream: _Stream, why: str) -> None:
+        """Fail every job still queued on a stream whose sender thread is gone."""
+        while True:
+            try:
+                job = stream.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                tid = job[0]
+                self._fail(link, tid, PeerGone(f"connection lost before sending: {why}", transfer_id=tid, peer=link.label, transport=self.name))
 
     def _ack(self, link: _Link, stream: _Stream, tid: str) -> None:
         stream.inflight.discard(tid)

@@ -22,7 +22,7 @@ from pdfabric.errors import ConnectError, PeerGone, StalePeer, TransportError
 from pdfabric.memory import Region
 
 from ._state import GrantTable, MemoryTable
-from ._stream import coalesce_plan
+from ._stream import check_no_overlap, coalesce_plan
 from .base import (
     MAX_NOTIFY_BYTES,
     Capabilities,
@@ -115,6 +115,7 @@ class LoopbackTransport(Transport):
             raise ValueError(f"notify payload of {len(notify)} bytes is over {MAX_NOTIFY_BYTES}")
         pieces = coalesce_plan(plan)
         self._mem.check(pieces[:, 0], pieces[:, 2])
+        check_no_overlap(pieces, plan.transfer_id)
         handle = TransferHandle(plan.transfer_id, peer, plan.nbytes, self.name)
         self._jobs.put((handle, pieces, notify))
         return handle

@@ -11,7 +11,7 @@ from pdfabric.errors import TransportUnavailable
 
 from .base import Transport
 
-__all__ = ["TRANSPORTS", "transport_class", "create", "available", "local_host_id"]
+__all__ = ["TRANSPORTS", "transport_class", "create", "create_from_config", "available", "local_host_id"]
 
 # name -> (module, class, install hint)
 TRANSPORTS: dict[str, tuple[str, str, str]] = {
@@ -48,6 +48,12 @@ def transport_class(name: str) -> type[Transport]:
 def create(name: str, **options: Any) -> Transport:
     """Instantiate transport ``name`` with its keyword options."""
     return transport_class(name)(**options)
+
+
+def create_from_config(config: Any) -> Transport:
+    """Build a transport from a topology transport model (``kind`` + its options)."""
+    options = config.model_dump()
+    return create(options.pop("kind"), **options)
 
 
 def available() -> dict[str, str]:

@@ -18,7 +18,7 @@ import struct
 
 import numpy as np
 
-from pdfabric.errors import ConnectError, FrameError, PeerGone, TransportUnavailable
+from pdfabric.errors import ConnectError, FrameError, PeerGone, TransferAborted, TransportUnavailable
 
 from . import _wire as w
 from ._iov import cma_read, iovecs
@@ -43,7 +43,7 @@ class ShmTransport(StreamTransport):
     def __init__(
         self,
         *,
-        streams: int = 1,
+        streams: int = 2,
         connect_timeout_s: float = 5.0,
         transfer_timeout_s: float = 30.0,
     ) -> None:
@@ -113,7 +113,9 @@ class ShmTransport(StreamTransport):
         token = self._grants.begin_write(tid, dst, ctx.peer, ctx)
         got = 0
         try:
-            got = cma_read(ctx.pid, iovecs(t[:, 0], t[:, 2]), dst)
+            got = cma_read(ctx.pid, iovecs(t[:, 0], t[:, 2]), dst, lambda: self._grants.cancelled(token))
+        except TransferAborted:
+            return  # revoked or failed meanwhile; the grant already says why
         except (PeerGone, FrameError, TransportUnavailable) as e:
             e.transfer_id, e.peer, e.transport = tid, ctx.peer, self.name
             self._grants.fail(tid, e)

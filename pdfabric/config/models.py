@@ -183,10 +183,12 @@ class TcpTransport(_Frozen):
 
 
 class ShmTransport(_Frozen):
-    """Same-host single copy through shared memory (CPU)."""
+    """Same-host single copy (receiver-side cross-memory attach); CPU memory."""
 
     kind: Literal["shm"] = "shm"
     transfer_timeout_s: Seconds = 30.0
+    streams: Annotated[int, Field(ge=1, le=64)] = 2
+    connect_timeout_s: Seconds = 5.0
 
 
 class LoopbackTransport(_Frozen):

@@ -214,7 +214,8 @@ def check_revoke_and_timeouts(make_pair: PairFactory) -> None:
 
 
 def check_registration(make_pair: PairFactory) -> None:
-    """Unregistered sources and grants outside registered memory are refused locally."""
+    """Unregistered sources, grants outside registered memory, and plans that name a
+    destination byte twice are refused locally."""
     snd, rcv, peer = _connected(make_pair)
     try:
         src, dst, other = Buffer.random(64 * KiB, 7), Buffer.filled(64 * KiB), Buffer.filled(64 * KiB)
@@ -222,6 +223,10 @@ def check_registration(make_pair: PairFactory) -> None:
         plan = TransferPlan(TransferId("unreg"), (src.region,), (dst.region,))
         _expect(RegistrationError, lambda: snd.write(peer, plan), "write from unregistered memory")
         _expect(RegistrationError, lambda: rcv.grant("bad", [other.region]), "grant of unregistered memory")
+        snd.register([src.region])
+        half = Region(dst.region.addr, 32 * KiB)
+        twice = TransferPlan(TransferId("dup"), (src.block(0, 32 * KiB), src.block(1, 32 * KiB)), (half, half))
+        _expect(ValueError, lambda: snd.write(peer, twice), "plan naming one destination twice")
     finally:
         snd.close()
         rcv.close()

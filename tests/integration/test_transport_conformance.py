@@ -39,3 +39,28 @@ def test_conformance(variant: str, check: str) -> None:
         CHECKS[check](make_pair, name, options)
     else:
         CHECKS[check](make_pair)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "shm", "loopback"])
+def test_topology_transport_options_build_that_transport(kind: str) -> None:
+    """Every option a topology accepts for a transport is one its constructor takes."""
+    from pdfabric.config import load_topology
+    from pdfabric.transports import create_from_config
+
+    from pathlib import Path
+    import tempfile
+
+    text = Path("configs/cpu-1p1d-tcp.yaml").read_text().replace("kind: tcp", f"kind: {kind}")
+    if kind != "tcp":
+        text = "\n".join(l for l in text.splitlines() if not l.strip().startswith(("streams:", "connect_timeout_s:", "transfer_timeout_s:")) or kind == "shm")
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "t.yaml"
+        f.write_text(text)
+        topo = load_topology(f)
+    cfg = topo.transport_for("prefill-0", "decode-0")
+    assert cfg.kind == kind
+    t = create_from_config(cfg)
+    try:
+        assert t.name == kind
+    finally:
+        t.close()

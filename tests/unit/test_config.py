@@ -358,7 +358,7 @@ def test_cli_show_json(tmp_path: Path) -> None:
     result = run_cli("config", "show", "configs/cpu-1p1d-shm.yaml", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["transport"] == {"kind": "shm", "transfer_timeout_s": 30.0}
+    assert data["transport"] == {"kind": "shm", "transfer_timeout_s": 30.0, "streams": 2, "connect_timeout_s": 5.0}
     assert data["proxy"]["max_body"] == 8 * 1024 * 1024
 
 

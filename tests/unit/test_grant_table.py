@@ -528,15 +528,23 @@ def test_revoke_cuts_the_connection_of_a_stalled_write() -> None:
     assert r.table.poll("t1") is Status.ABORTED
 
 
-def test_revoke_logs_when_a_cut_write_still_does_not_stop(caplog: pytest.LogCaptureFixture) -> None:
+def test_revoke_never_returns_while_a_cut_write_is_still_open(caplog: pytest.LogCaptureFixture) -> None:
+    """The owner frees the blocks when revoke returns: it must not return while bytes can
+    still land. It cuts the writer's connection, logs, and keeps waiting."""
     killed: list[Hashable] = []
     r = Receiver(kill_conn=killed.append, drain_s=0.01)
     r.table.grant("t1", [r.region(0, 8)])
-    r.table.begin_write("t1", segs((r.base, 8)), PEER, CONN_A)
+    token = r.table.begin_write("t1", segs((r.base, 8)), PEER, CONN_A)
+    done = threading.Event()
     with caplog.at_level(logging.ERROR, logger="pdfabric.transports"):
-        r.table.revoke("t1")
-    assert killed == [CONN_A]
-    assert any("did not stop" in rec.getMessage() for rec in caplog.records)
+        th = threading.Thread(target=lambda: (r.table.revoke("t1"), done.set()))
+        th.start()
+        assert not done.wait(0.3), "revoke returned while a write into the grant was open"
+        assert killed == [CONN_A]
+        assert any("still open" in rec.getMessage() for rec in caplog.records)
+        r.table.end_write(token, CONN_A, 0)  # the cut connection's read finally returns
+        assert done.wait(2.0), "revoke did not return after the write ended"
+    th.join(2.0)
 
 
 def test_waiter_woken_by_revoke_does_not_drop_a_new_grant_for_the_same_tid(rx: Receiver) -> None:
@@ -632,3 +640,29 @@ def test_close_keeps_finished_results(rx: Receiver) -> None:
     rx.table.stream_end("t1", CONN_A, 4, 1, 4, b"kept")
     rx.table.close()
     assert rx.table.wait("t1", 1.0) == RecvResult("t1", 4, b"kept")  # type: ignore[arg-type]
+
+
+def test_failed_grant_is_not_handed_back_while_another_stream_still_writes() -> None:
+    """Stream B dies mid-transfer while stream A is inside a write: wait() must not give
+    the memory back (raise) until A's write has stopped - it cuts A's connection first."""
+    killed: list[Hashable] = []
+    r = Receiver(kill_conn=killed.append, drain_s=0.01)
+    r.table.grant("t1", [r.region(0, 64)])
+    tok_b = r.table.begin_write("t1", segs((r.base, 32)), PEER, CONN_B)
+    r.table.end_write(tok_b, CONN_B, 32)
+    tok_a = r.table.begin_write("t1", segs((r.base + 32, 32)), PEER, CONN_A)
+    r.table.conn_lost(CONN_B, PEER, "reset")
+    raised = threading.Event()
+
+    def waiter() -> None:
+        with pytest.raises(PeerGone):
+            r.table.wait("t1", 5)
+        raised.set()
+
+    th = threading.Thread(target=waiter)
+    th.start()
+    assert not raised.wait(0.3), "wait() returned while stream A was still writing"
+    assert killed == [CONN_A]
+    r.table.end_write(tok_a, CONN_A, 0)
+    assert raised.wait(2.0)
+    th.join(2.0)

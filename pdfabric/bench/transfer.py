@@ -62,6 +62,10 @@ class Row:
     p99_us: float
     rounds: list[float] = dataclasses.field(default_factory=list)
     workload: str = "blocks"
+    ack_half_rtt_p50_us: float | None = None  # latency rows: sender-side round trip / 2
+    # gbps over the same baseline measured on its own at the end of the run (the stricter
+    # of the two comparisons when the interleaved baseline was slowed by the machine)
+    ratio_reference: float | None = None
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -84,6 +88,7 @@ class TransferBench:
         self._children: list[PeerProcess] = []
         self._transports: list[Transport] = []
         self._keep: list[np.ndarray] = []
+        self.ack_half_rtt: list[float] = []
 
     def close(self) -> None:
         for t in self._transports:
@@ -184,15 +189,18 @@ class TransferBench:
         assert child.proc.stdin is not None
         child.proc.stdin.write(json.dumps({"op": "recv_times", "tids": tids}) + "\n")
         child.proc.stdin.flush()
-        starts, theirs = [], []
+        starts, theirs, acked = [], [], []
         with RawSocket(self, block, echo=True) as raw:
             for tid in tids:
                 theirs.append(raw.round() / 2)
-                starts.append(time.perf_counter_ns())
+                t0 = time.perf_counter_ns()
+                starts.append(t0)
                 t.wait(t.write(peer, TransferPlan(TransferId(tid), (region_of(buf),), (Region(dst, block),))), 10)
+                acked.append((time.perf_counter_ns() - t0) / 2e9)
         line = child.proc.stdout.readline() if child.proc.stdout else ""
         ends = json.loads(line)["times"]
         warm = iters // 10
+        self.ack_half_rtt = acked[warm:]
         return [(e - s) / 1e9 for s, e in zip(starts, ends)][warm:], theirs[warm:]
 
 
@@ -240,7 +248,9 @@ def run_benchmark(
                     rows.append(_row(name, block, nbytes, ours, kind, theirs, workload))
             if latency_iters:
                 lat, raw = bench.latency(t, child, peer, latency_iters)
-                rows.append(_row(name, 4096, 4096, lat, "raw_socket_half_rtt", raw, "latency"))
+                row = _row(name, 4096, 4096, lat, "raw_socket_half_rtt", raw, "latency")
+                row.ack_half_rtt_p50_us = _pct(bench.ack_half_rtt, 50) * 1e6  # write -> ACK, halved
+                rows.append(row)
             progress()
         for size in sizes:  # all three baselines on their own, for reference
             for kind in ("memcpy", "raw_socket", "shm_copy"):
@@ -249,6 +259,10 @@ def run_benchmark(
                 baselines.setdefault(kind, {})[format_size(size)] = _median_gbps(size, secs)
     finally:
         bench.close()
+    for r in rows:
+        ref = baselines.get(r.baseline, {}).get(format_size(r.total_bytes))
+        if ref:
+            r.ratio_reference = r.gbps / ref
     return {
         "benchmark": "transfer_bandwidth",
         "meta": {

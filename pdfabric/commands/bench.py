@@ -47,14 +47,15 @@ def _table(doc: dict[str, Any]) -> Any:
     from pdfabric.units import format_size
 
     t = Table(title=f"pdfabric transfer benchmark (median of {doc['meta']['rounds']} rounds)")
-    for col in ("transport", "workload", "block", "total", "GB/s", "baseline", "base GB/s", "ratio", "p50 us", "p99 us"):
+    for col in ("transport", "workload", "block", "total", "GB/s", "baseline", "base GB/s", "ratio", "ref ratio", "p50 us", "p99 us"):
         t.add_column(col, justify="left" if col in ("transport", "workload", "baseline") else "right")
     for r in doc["results"]:
         lat = r["workload"] == "latency"
         t.add_row(
             r["transport"], r["workload"], format_size(r["block_size"]), format_size(r["total_bytes"]),
             "-" if lat else f"{r['gbps']:.2f}", r["baseline"], "-" if lat else f"{r['baseline_gbps']:.2f}",
-            f"{r['ratio']:.2f}" if not lat else f"{r['baseline_gbps'] / r['gbps']:.2f}x",
+            f"{r['ratio']:.2f}" if not lat else f"{r['baseline_gbps'] / r['gbps']:.2f}x slower",
+            "-" if lat or r.get("ratio_reference") is None else f"{r['ratio_reference']:.2f}",
             f"{r['p50_us']:.1f}", f"{r['p99_us']:.1f}",
         )  # fmt: skip
     return t
@@ -116,7 +117,7 @@ def run_transfer(args: argparse.Namespace) -> int:
             err.print(f"error: {e}")
             return 1
     out = Console()
-    out.width = max(out.width, 132)  # the table has ten columns; do not squeeze them
+    out.width = max(out.width, 150)  # the table has eleven columns; do not squeeze them
     out.print(_table(doc))
     if args.json:
         with open(args.json, "w") as f:

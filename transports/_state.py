@@ -45,7 +45,7 @@ from pdfabric.memory import Region, view_of
 
 from .base import Rejection, RecvResult, Status, TransferId
 
-__all__ = ["MemoryTable", "GrantTable", "merge_regions"]
+__all__ = ["MemoryTable", "GrantTable", "GrantReceiver", "merge_regions", "first_outside"]
 
 log = logging.getLogger("pdfabric.transports")
 
@@ -423,3 +423,30 @@ class GrantTable:
             if status is Status.ABORTED:
                 self._grants.pop(tid, None)
         g.event.set()
+
+
+class GrantReceiver:
+    """The receiver verbs of ``Transport``, served by a ``GrantTable`` in ``self._grants``."""
+
+    _grants: GrantTable
+    transfer_timeout_s: float
+
+    def grant(self, transfer_id: str, regions: Sequence[Region]) -> None:
+        self._check_open()  # type: ignore[attr-defined]  # from Transport
+        self._grants.grant(transfer_id, regions)
+
+    def revoke(self, transfer_id: str) -> None:
+        self._grants.revoke(transfer_id)
+
+    def wait_recv(self, transfer_id: str, timeout: float | None = None) -> RecvResult:
+        return self._grants.wait(transfer_id, self.transfer_timeout_s if timeout is None else timeout)
+
+    def poll_recv(self, transfer_id: str) -> Status:
+        return self._grants.poll(transfer_id)
+
+    def recv_progress(self, transfer_id: str) -> tuple[int, int]:
+        return self._grants.progress(transfer_id)
+
+    @property
+    def rejections(self) -> list[Rejection]:
+        return self._grants.rejections

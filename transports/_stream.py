@@ -45,7 +45,8 @@ from pdfabric.memory import Region
 
 from . import _wire as w
 from ._iov import send_iov
-from ._state import GrantTable, MemoryTable
+from ._plan import check_no_overlap, coalesce_plan, split_streams
+from ._state import GrantReceiver, GrantTable, MemoryTable
 from .base import (
     MAX_NOTIFY_BYTES,
     PeerDescriptor,
@@ -58,7 +59,7 @@ from .base import (
     Transport,
 )
 
-__all__ = ["StreamTransport", "coalesce_plan", "check_no_overlap", "split_streams"]
+__all__ = ["StreamTransport", "coalesce_plan", "check_no_overlap", "split_streams"]  # helpers re-exported
 
 log = logging.getLogger("pdfabric.transports")
 
@@ -105,58 +106,7 @@ class _Link:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def coalesce_plan(plan: TransferPlan) -> np.ndarray:
-    """(src, dst) pairs -> (n, 3) uint64 pieces [src, dst, len], merging pairs that are
-    contiguous on both sides and dropping empty ones."""
-    a = np.array([(s.addr, d.addr, s.length) for s, d in zip(plan.src, plan.dst) if s.length], dtype=np.uint64)
-    if len(a) < 2:
-        return a.reshape(-1, 3)
-    src, dst, ln = a[:, 0], a[:, 1], a[:, 2]
-    brk = np.ones(len(a), dtype=bool)
-    brk[1:] = (src[1:] != src[:-1] + ln[:-1]) | (dst[1:] != dst[:-1] + ln[:-1])
-    idx = np.flatnonzero(brk)
-    return np.stack([src[idx], dst[idx], np.add.reduceat(ln, idx)], axis=1)
-
-
-def check_no_overlap(pieces: np.ndarray, tid: str) -> None:
-    """A plan must not name any destination byte twice: the receiver counts bytes, so a
-    duplicate would hide a block that never arrived."""
-    if len(pieces) < 2:
-        return
-    d = pieces[np.argsort(pieces[:, 1], kind="stable")]
-    bad = np.flatnonzero(d[1:, 1] - d[:-1, 1] < d[:-1, 2])
-    if len(bad):
-        raise ValueError(f"plan {tid}: destination bytes at {int(d[bad[0] + 1, 1]):#x} are written twice")
-
-
-def split_streams(pieces: np.ndarray, k: int, min_bytes: int) -> list[np.ndarray]:
-    """Cut pieces into at most ``k`` parts of about equal bytes, splitting a piece that
-    straddles a boundary. ``k`` is lowered so that parts average at least ``min_bytes``
-    (the last part may be smaller than the others). Order and every byte are kept."""
-    total = int(pieces[:, 2].sum()) if len(pieces) else 0
-    k = max(1, min(k, total // max(1, min_bytes)))
-    if k == 1:
-        return [pieces]
-    target = -(-total // k)
-    p = pieces.copy()
-    for cut in range(target, total, target):
-        ends = np.cumsum(p[:, 2])
-        i = int(np.searchsorted(ends, cut, side="left"))
-        start = int(ends[i] - p[i, 2])
-        if start < cut < int(ends[i]):  # split piece i at the boundary
-            head = cut - start
-            tail = p[i].copy()
-            tail[0] += np.uint64(head)
-            tail[1] += np.uint64(head)
-            tail[2] -= np.uint64(head)
-            p[i, 2] = head
-            p = np.insert(p, i + 1, tail, axis=0)
-    starts = np.cumsum(p[:, 2]) - p[:, 2]
-    bounds = np.searchsorted(starts, np.arange(target, total, target), side="left")
-    return [part for part in np.split(p, bounds) if len(part)]
-
-
-class StreamTransport(Transport):
+class StreamTransport(GrantReceiver, Transport):
     """Base of ``tcp`` and ``shm``; subclasses supply sockets and the DATA/PULL codec."""
 
     data_frame: w.FrameType
@@ -233,27 +183,6 @@ class StreamTransport(Transport):
             endpoint=self._endpoint,
             host_id=local_host_id(),
         )
-
-    # -- receiver ------------------------------------------------------------------------
-    def grant(self, transfer_id: str, regions: Sequence[Region]) -> None:
-        self._check_open()
-        self._grants.grant(transfer_id, regions)
-
-    def revoke(self, transfer_id: str) -> None:
-        self._grants.revoke(transfer_id)
-
-    def wait_recv(self, transfer_id: str, timeout: float | None = None) -> RecvResult:
-        return self._grants.wait(transfer_id, self.transfer_timeout_s if timeout is None else timeout)
-
-    def poll_recv(self, transfer_id: str) -> Status:
-        return self._grants.poll(transfer_id)
-
-    def recv_progress(self, transfer_id: str) -> tuple[int, int]:
-        return self._grants.progress(transfer_id)
-
-    @property
-    def rejections(self) -> list[Rejection]:
-        return self._grants.rejections
 
     def _accept_loop(self) -> None:
         while not self._closed:

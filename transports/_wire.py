@@ -50,7 +50,6 @@ __all__ = [
     "recv_header",
     "recv_exact",
     "send_buffers",
-    "recv_scatter",
     "error_from_code",
     "FrameReader",
 ]
@@ -178,26 +177,6 @@ def send_buffers(sock: socket.socket, bufs: Sequence[bytes | memoryview]) -> Non
             else:
                 views[i] = views[i][sent:]
                 sent = 0
-
-
-def recv_scatter(sock: socket.socket, views: list[memoryview]) -> int:
-    """Fill ``views`` in order straight from the socket (``recvmsg_into``, no copies)."""
-    i = 0
-    total = 0
-    while i < len(views):
-        n = sock.recvmsg_into(views[i : i + _IOV_BATCH], 0, socket.MSG_WAITALL)[0]
-        if n == 0:
-            raise PeerGone(f"connection closed mid-payload after {total} bytes")
-        total += n
-        while n > 0:
-            size = len(views[i])
-            if n >= size:
-                n -= size
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
-    return total
 
 
 def unpack_u64s(data: bytes | bytearray, count: int) -> tuple[int, ...]:

@@ -21,8 +21,8 @@ import numpy as np
 from pdfabric.errors import ConnectError, PeerGone, StalePeer, TransportError
 from pdfabric.memory import Region
 
-from ._state import GrantTable, MemoryTable
-from ._stream import check_no_overlap, coalesce_plan
+from ._state import GrantReceiver, GrantTable, MemoryTable
+from ._plan import check_no_overlap, coalesce_plan
 from .base import (
     MAX_NOTIFY_BYTES,
     Capabilities,
@@ -64,7 +64,7 @@ class LoopbackHub:
 DEFAULT_HUB = LoopbackHub()
 
 
-class LoopbackTransport(Transport):
+class LoopbackTransport(GrantReceiver, Transport):
     """In-process transport; the reference behaviour for the conformance suite."""
 
     name = "loopback"
@@ -152,26 +152,6 @@ class LoopbackTransport(Transport):
         if err is not None:
             raise err
         handle.resolve(Status.DONE)
-
-    def grant(self, transfer_id: str, regions: Sequence[Region]) -> None:
-        self._check_open()
-        self._grants.grant(transfer_id, regions)
-
-    def revoke(self, transfer_id: str) -> None:
-        self._grants.revoke(transfer_id)
-
-    def wait_recv(self, transfer_id: str, timeout: float | None = None) -> RecvResult:
-        return self._grants.wait(transfer_id, self.transfer_timeout_s if timeout is None else timeout)
-
-    def poll_recv(self, transfer_id: str) -> Status:
-        return self._grants.poll(transfer_id)
-
-    def recv_progress(self, transfer_id: str) -> tuple[int, int]:
-        return self._grants.progress(transfer_id)
-
-    @property
-    def rejections(self) -> list[Rejection]:
-        return self._grants.rejections
 
     def close(self) -> None:
         if self._closed:

@@ -213,6 +213,17 @@ def _row(transport: str, block: int, nbytes: int, seconds: list[float], base: st
     )  # fmt: skip
 
 
+def _reference_baselines(bench: TransferBench, sizes: Sequence[int], rounds: int) -> dict[str, dict[str, float]]:
+    """All three baselines on their own (not interleaved), GB/s by size."""
+    out: dict[str, dict[str, float]] = {}
+    for size in sizes:
+        for kind in ("memcpy", "raw_socket", "shm_copy"):
+            with bench.baseline(kind, size) as base:
+                secs = [base.round() for _ in range(rounds + 1)][1:]
+            out.setdefault(kind, {})[format_size(size)] = _median_gbps(size, secs)
+    return out
+
+
 def run_benchmark(
     transports: Sequence[str],
     sizes: Sequence[int],
@@ -252,11 +263,7 @@ def run_benchmark(
                 row.ack_half_rtt_p50_us = _pct(bench.ack_half_rtt, 50) * 1e6  # write -> ACK, halved
                 rows.append(row)
             progress()
-        for size in sizes:  # all three baselines on their own, for reference
-            for kind in ("memcpy", "raw_socket", "shm_copy"):
-                with bench.baseline(kind, size) as base:
-                    secs = [base.round() for _ in range(rounds + 1)][1:]
-                baselines.setdefault(kind, {})[format_size(size)] = _median_gbps(size, secs)
+        baselines = _reference_baselines(bench, sizes, rounds)
     finally:
         bench.close()
     for r in rows:

@@ -125,7 +125,7 @@ def test_cache_tiers_parse_sizes() -> None:
     text = GOOD + (
         "cache:\n  chunk_tokens: 256\n  server: {port: 8300}\n  tiers:\n"
         "    - {kind: memory, size: 4GiB}\n"
-        "    - {kind: disk, path: /tmp/kv, size: '20 GB'}\n"
+        "    - {kind: disk, path: /var/cache/pdfabric/kv, size: '20 GB'}\n"
         "    - {kind: s3, bucket: kv, access_key: {env: AK}, secret_key: {env: SK}}\n"
     )
     cache = parse_topology(text).cache
@@ -229,7 +229,7 @@ def test_same_host_transport_across_hosts() -> None:
 def test_cache_tier_order_and_uniqueness() -> None:
     text = GOOD + (
         "cache:\n  tiers:\n"
-        "    - {kind: disk, path: /tmp/kv, size: 1GiB}\n"
+        "    - {kind: disk, path: /var/cache/pdfabric/kv, size: 1GiB}\n"
         "    - {kind: memory, size: 1GiB}\n"
         "    - {kind: memory, size: 2GiB}\n"
     )

@@ -12,7 +12,7 @@ import pytest
 
 from pdfabric.errors import GrantRefused, PeerGone, TransferAborted, TransferTimeout
 from pdfabric.memory import Region
-from pdfabric.transports._stream import coalesce_plan, split_streams
+from pdfabric.transports._plan import coalesce_plan, split_streams
 from pdfabric.transports.base import (
     MAX_TRANSFER_ID_BYTES,
     PeerId,

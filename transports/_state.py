@@ -426,10 +426,21 @@ class GrantTable:
 
 
 class GrantReceiver:
-    """The receiver verbs of ``Transport``, served by a ``GrantTable`` in ``self._grants``."""
+    """What every transport does the same way: memory registration (``self._mem``), the
+    ``closed`` flag (``self._closed``) and the receiver verbs, served by ``self._grants``."""
 
+    _mem: MemoryTable
     _grants: GrantTable
+    _closed: bool
     transfer_timeout_s: float
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def register(self, regions: Sequence[Region]) -> None:
+        self._check_open()  # type: ignore[attr-defined]  # from Transport
+        self._mem.add(regions)
 
     def grant(self, transfer_id: str, regions: Sequence[Region]) -> None:
         self._check_open()  # type: ignore[attr-defined]  # from Transport

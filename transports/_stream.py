@@ -19,7 +19,6 @@ carried with ``PeerGone`` and is redialed on the next write.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import socket
 import threading
@@ -27,7 +26,6 @@ import time
 import uuid
 from abc import abstractmethod
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -41,7 +39,6 @@ from pdfabric.errors import (
     TransportClosed,
     TransportError,
 )
-from pdfabric.memory import Region
 
 from . import _wire as w
 from ._iov import send_iov
@@ -51,7 +48,6 @@ from .base import (
     MAX_NOTIFY_BYTES,
     PeerDescriptor,
     PeerId,
-    RecvResult,
     Rejection,
     Status,
     TransferHandle,
@@ -163,14 +159,6 @@ class StreamTransport(GrantReceiver, Transport):
             self._threads = [x for x in self._threads if x.is_alive()]
         self._threads.append(t)
         return t
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def register(self, regions: Sequence[Region]) -> None:
-        self._check_open()
-        self._mem.add(regions)
 
     def descriptor(self) -> PeerDescriptor:
         from .registry import local_host_id

@@ -14,12 +14,10 @@ import queue
 import threading
 import uuid
 import weakref
-from typing import Sequence
 
 import numpy as np
 
 from pdfabric.errors import ConnectError, PeerGone, StalePeer, TransportError
-from pdfabric.memory import Region
 
 from ._state import GrantReceiver, GrantTable, MemoryTable
 from ._plan import check_no_overlap, coalesce_plan
@@ -28,8 +26,6 @@ from .base import (
     Capabilities,
     PeerDescriptor,
     PeerId,
-    RecvResult,
-    Rejection,
     Status,
     TransferHandle,
     TransferPlan,
@@ -83,14 +79,6 @@ class LoopbackTransport(GrantReceiver, Transport):
         self._hub.add(self)
         self._worker = threading.Thread(target=self._run, name="pdfabric-loopback", daemon=True)
         self._worker.start()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def register(self, regions: Sequence[Region]) -> None:
-        self._check_open()
-        self._mem.add(regions)
 
     def descriptor(self) -> PeerDescriptor:
         return PeerDescriptor("loopback", self.incarnation, "localhost", os.getpid(), f"loopback:{self.incarnation}")

@@ -16,7 +16,6 @@ import selectors
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import msgspec

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 import time
-from typing import Callable, Hashable, Iterator
+from typing import Callable, Hashable
 
 import numpy as np
-import pytest
 
-from pdfabric.errors import (
-    FrameError,
-    GrantRefused,
-    PeerGone,
-    RegistrationError,
-    TransferAborted,
-    TransferTimeout,
-    TransportClosed,
-)
 from pdfabric.memory import Region, region_of
-from pdfabric.transports._state import GrantTable, MemoryTable, merge_regions
-from pdfabric.transports.base import RecvResult, Rejection, Status
+from pdfabric.transports._state import GrantTable, MemoryTable
 
 NAME = "unit"
 CONN_A: Hashable = ("conn", "A")
@@ -58,13 +46,6 @@ class Receiver:
             n = len(data)
         finally:
             self.table.end_write(token, conn, n)
-
-
-@pytest.fixture
-def rx() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.table.close()
 
 
 def segs(*pairs: tuple[int, int]) -> np.ndarray:

@@ -3,34 +3,20 @@
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
-from typing import Callable, Hashable, Iterator
+from typing import Hashable
 
-import numpy as np
 import pytest
 
 from pdfabric.errors import (
-    FrameError,
     GrantRefused,
     PeerGone,
-    RegistrationError,
     TransferAborted,
-    TransferTimeout,
-    TransportClosed,
 )
-from pdfabric.memory import Region, region_of
-from pdfabric.transports._state import GrantTable, MemoryTable, merge_regions
-from pdfabric.transports.base import RecvResult, Rejection, Status
+from pdfabric.transports.base import Status
 
-NAME = "unit"
-CONN_A: Hashable = ("conn", "A")
-CONN_B: Hashable = ("conn", "B")
-PEER = "peer-1"
-
-
-from grant_helpers import Receiver, rx, segs, wait_in_thread, block_until_waiting, CONN_A, CONN_B, PEER  # noqa: F401 - rx is a fixture
+from grant_helpers import CONN_A, CONN_B, PEER, Receiver, block_until_waiting, segs, wait_in_thread
 
 # ------------------------------------------------------------------ revoke
 

@@ -7,11 +7,6 @@ loop does. Each test names the module docstring's Rule it checks where there is 
 
 from __future__ import annotations
 
-import logging
-import sys
-import threading
-import time
-from typing import Callable, Hashable, Iterator
 
 import numpy as np
 import pytest
@@ -26,16 +21,10 @@ from pdfabric.errors import (
     TransportClosed,
 )
 from pdfabric.memory import Region, region_of
-from pdfabric.transports._state import GrantTable, MemoryTable, merge_regions
+from pdfabric.transports._state import MemoryTable, merge_regions
 from pdfabric.transports.base import RecvResult, Rejection, Status
 
-NAME = "unit"
-CONN_A: Hashable = ("conn", "A")
-CONN_B: Hashable = ("conn", "B")
-PEER = "peer-1"
-
-
-from grant_helpers import Receiver, rx, segs, wait_in_thread, block_until_waiting, CONN_A, CONN_B, PEER  # noqa: F401 - rx is a fixture
+from grant_helpers import CONN_A, CONN_B, NAME, PEER, Receiver, segs, wait_in_thread
 
 # ------------------------------------------------------------------ merge_regions / MemoryTable
 

@@ -50,9 +50,11 @@ def create(name: str, **options: Any) -> Transport:
     return transport_class(name)(**options)
 
 
-def create_from_config(config: Any) -> Transport:
-    """Build a transport from a topology transport model (``kind`` + its options)."""
+def create_from_config(config: Any, **overrides: Any) -> Transport:
+    """Build a transport from a topology transport model (``kind`` + its options);
+    ``overrides`` are constructor options the model does not carry (a bind host)."""
     options = config.model_dump()
+    options.update(overrides)
     return create(options.pop("kind"), **options)
 
 

@@ -212,9 +212,9 @@ def _step(tp: Any, key: Any) -> tuple[Any, list[Any], bool]:
     return None, [], True
 
 
-def _locate(loc: tuple[Any, ...]) -> tuple[str, Any, list[Any]]:
+def _locate(loc: tuple[Any, ...], root: Any = None) -> tuple[str, Any, list[Any]]:
     """Render ``loc`` as ``a.b[1].c`` (tags dropped); also the type and metadata there."""
-    tp, meta, path = Topology, [], ""
+    tp, meta, path = root or Topology, [], ""
     for key in loc:
         tp, meta, keep = _step(tp, key) if tp is not None else (None, [], True)
         if not keep or key == "[key]":
@@ -236,20 +236,25 @@ def _join(prefix: str, rel: str) -> str:
     return f"{prefix}.{rel}"
 
 
-def _problems(exc: ValidationError) -> list[Problem]:
+def validation_problems(exc: ValidationError, root: type[BaseModel]) -> list[Problem]:
+    """(path, message) pairs of a pydantic error on model ``root``, worded like topology errors."""
+    return _problems(exc, root)
+
+
+def _problems(exc: ValidationError, root: Any = None) -> list[Problem]:
     problems: list[Problem] = []
     for err in exc.errors():
-        path, tp, meta = _locate(tuple(err["loc"]))
+        path, tp, meta = _locate(tuple(err["loc"]), root)
         inner = err.get("ctx", {}).get("error")
         if err["type"] == "invalid_key":
-            parent = _locate(tuple(err["loc"][:-1]))[0]
+            parent = _locate(tuple(err["loc"][:-1]), root)[0]
             found = [(parent, f"unknown key {_show(err['loc'][-1])}; keys are names")]
         elif err["type"] == "union_tag_invalid":
-            found = [(_join(path, "kind"), _message(err, tp, meta))]
+            found = [(_join(path, "kind"), _message(err, tp, meta, root))]
         elif isinstance(inner, FieldProblems):
             found = [(_join(path, rel), msg) for rel, msg in inner.problems]
         else:
-            found = [(path, _message(err, tp, meta))]
+            found = [(path, _message(err, tp, meta, root))]
         problems.extend(p for p in found if p not in problems)
     return problems
 
@@ -300,13 +305,13 @@ _SIMPLE = {
 }
 
 
-def _message(err: ErrorDetails, tp: Any, meta: list[Any]) -> str:
+def _message(err: ErrorDetails, tp: Any, meta: list[Any], root: Any = None) -> str:
     kind, value, ctx = err["type"], err.get("input"), err.get("ctx", {})
     got = _show(value)
     if kind == "missing":
         return "required key is missing"
     if kind == "extra_forbidden":
-        return _unknown_key(err["loc"])
+        return _unknown_key(err["loc"], root)
     if kind in ("value_error", "assertion_error") and "error" in ctx:
         return str(ctx["error"])
     if kind in _NUMBER_ERRORS:
@@ -347,9 +352,9 @@ def _not_one_of(expected: str, value: Any, tag: Any) -> str:
     return f"expected one of {expected}, got {_show(got)}{hint}"
 
 
-def _unknown_key(loc: tuple[Any, ...]) -> str:
+def _unknown_key(loc: tuple[Any, ...], root: Any = None) -> str:
     key = loc[-1] if loc else "?"
-    _, parent, _ = _locate(tuple(loc[:-1]))
+    _, parent, _ = _locate(tuple(loc[:-1]), root)
     is_model = isinstance(parent, type) and issubclass(parent, BaseModel)
     known = list(parent.model_fields) if is_model else []
     if isinstance(key, str) and known:

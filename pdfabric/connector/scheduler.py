@@ -1,0 +1,174 @@
+"""Scheduler side of the connector (runs in vLLM's EngineCore process).
+
+It decides, per request, what the workers must do and tells them through the step
+metadata; it never touches sockets or KV memory.
+
+- consumer: a request with ``{"pdfabric": "consume"}`` params reports its prompt
+  tokens (beyond a local prefix hit) as loadable asynchronously; once vLLM allocated
+  blocks, the worker grants them to the producer. An abort while the request waits
+  makes the worker revoke the grant and tell the producer.
+- producer: a request with ``{"pdfabric": "produce"}`` params is followed until its
+  final prefill step; when it finishes, its blocks are held (``delay_free``) until the
+  worker reports the push done, aborted or its lease expired. Its response carries the
+  decode leg's ``kv_transfer_params`` (sequential pairing).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Callable
+
+from pdfabric.connector import compat
+from pdfabric.connector.params import (
+    Consume,
+    FinishedSend,
+    Produce,
+    RecvReq,
+    SendReq,
+    StepMeta,
+    consume_params,
+    parse_params,
+)
+from pdfabric.connector.settings import Resolved
+from pdfabric.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vllm.v1.request import Request
+
+__all__ = ["FabricScheduler"]
+
+log = logging.getLogger("pdfabric.connector")
+
+
+class FabricScheduler:
+    def __init__(
+        self,
+        settings: Resolved,
+        *,
+        producer: bool,
+        consumer: bool,
+        block_size: int,
+        block_ids_of: Callable[[str], list[int]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.producer, self.consumer = producer, consumer
+        self.block_size = block_size
+        self._block_ids_of = block_ids_of
+        self._clock = clock
+        self.counters: Counter[str] = Counter()
+        self._bad: set[str] = set()
+        self._local_hit: dict[str, int] = {}  # consume req -> locally computed tokens
+        self._waiting: dict[str, Consume] = {}  # consume reqs not yet given blocks
+        self._receiving: dict[str, Consume] = {}  # granted, not yet reported finished
+        self._received: set[str] = set()  # landed or failed: never asked for again
+        self._producing: dict[str, tuple[Produce, "Request"]] = {}
+        self._final_sent: set[str] = set()
+        self._held: set[str] = set()  # delay-freed producer requests
+        self._meta = StepMeta()
+        self._last_heartbeat = clock()
+
+    # -- vLLM hooks --------------------------------------------------------------------
+    def params(self, request: "Request") -> Produce | Consume | None:
+        rid = request.request_id
+        if rid in self._bad:
+            return None
+        try:
+            p = parse_params(request.kv_transfer_params)
+        except ConfigError as e:
+            self._bad.add(rid)
+            self.counters["bad_params"] += 1
+            log.warning("pdfabric: request %s: %s: %s; it runs without a KV transfer", rid, e.path, e.message)
+            return None
+        if isinstance(p, Consume) and not self.consumer or isinstance(p, Produce) and not self.producer:
+            self._bad.add(rid)
+            self.counters["wrong_role"] += 1
+            log.warning("pdfabric: request %s asks to %s KV but this engine's kv_role cannot; "
+                        "it runs without a KV transfer", rid, type(p).__name__.lower())
+            return None
+        return p
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        p = self.params(request)
+        rid = request.request_id
+        if not isinstance(p, Consume) or rid in self._receiving or rid in self._received:
+            return 0, False
+        count = compat.prompt_len(request) - num_computed_tokens
+        if count <= 0:
+            return 0, False
+        self._local_hit[rid] = num_computed_tokens
+        self._waiting[rid] = p
+        return count, True
+
+    def update_state_after_alloc(self, request: "Request", block_ids: list[int], num_external_tokens: int) -> None:
+        p = self.params(request)
+        rid = request.request_id
+        if isinstance(p, Produce) and rid not in self._producing:
+            self._producing[rid] = (p, request)
+            return
+        if not isinstance(p, Consume) or num_external_tokens <= 0 or rid in self._receiving or rid in self._received:
+            return
+        n_prompt = compat.prompt_len(request)
+        first = self._local_hit.pop(rid, 0) // self.block_size
+        need = -(-n_prompt // self.block_size)
+        self._waiting.pop(rid, None)
+        self._receiving[rid] = p
+        self._meta.recvs.append(RecvReq(rid, p.transfer_id, p.producer, list(block_ids[first:need]), first, n_prompt))
+
+    def build_meta(self, num_scheduled: dict[str, int]) -> StepMeta:
+        for rid, (p, req) in self._producing.items():
+            n = num_scheduled.get(rid)
+            if n is None or rid in self._final_sent:
+                continue
+            n_prompt = compat.prompt_len(req)
+            if req.num_computed_tokens + n >= n_prompt:
+                self._final_sent.add(rid)
+                self._meta.sends.append(SendReq(rid, p.transfer_id, self._block_ids_of(rid), n_prompt))
+        now = self._clock()
+        if self._waiting and now - self._last_heartbeat >= self.settings.heartbeat_s:
+            self._last_heartbeat = now
+            for p in self._waiting.values():
+                self._meta.heartbeats.setdefault(p.producer, []).append(p.transfer_id)
+        meta, self._meta = self._meta, StepMeta()
+        return meta
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        self._bad.discard(rid)
+        self._received.discard(rid)
+        self._local_hit.pop(rid, None)
+        waiting = self._waiting.pop(rid, None)
+        if waiting is not None:  # never got blocks: tell the producer not to wait for a grant
+            self._meta.unsent_aborts.append((waiting.producer, waiting.transfer_id, "the decode request ended before it was granted"))
+        if self._receiving.pop(rid, None) is not None:
+            self._meta.aborted_recvs.append(rid)
+        entry = self._producing.pop(rid, None)
+        if entry is None:
+            return False, None
+        p, _ = entry
+        aborted = compat.is_aborted(request)
+        self._final_sent.discard(rid)
+        held = bool(block_ids)
+        self._meta.finished_sends.append(FinishedSend(rid, p.transfer_id, aborted, held))
+        if held:
+            self._held.add(rid)
+        if aborted or self.settings.control_port is None:
+            return held, None
+        addr = f"{_bracket(self.settings.advertise_host)}:{self.settings.control_port}"
+        return held, consume_params(p.transfer_id, addr, compat.prompt_len(request))
+
+    def transfers_finished(self, finished_sending: set[str] | None, finished_recving: set[str] | None) -> None:
+        for rid in finished_sending or ():
+            self._held.discard(rid)
+        for rid in finished_recving or ():
+            if self._receiving.pop(rid, None) is not None:
+                self._received.add(rid)
+
+    def has_pending_push_work(self) -> bool:
+        return bool(self._held) or not self._meta.empty()
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

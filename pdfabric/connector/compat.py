@@ -70,7 +70,7 @@ def prompt_len(request: "Request") -> int:
 def is_aborted(request: "Request") -> bool:
     from vllm.v1.request import RequestStatus
 
-    return request.status not in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+    return request.status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR, RequestStatus.FINISHED_IGNORED)
 
 
 def first_group(block_ids: Any) -> list[int]:

@@ -17,6 +17,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from typing import Callable
 
 import zmq
@@ -39,9 +40,17 @@ def zmq_addr(hostport: str) -> str:
 
 class ControlEndpoint:
     def __init__(
-        self, auth: Authenticator, handler: Handler, bind: tuple[str, int] | None, identity: bytes
+        self,
+        auth: Authenticator,
+        handler: Handler,
+        bind: tuple[str, int] | None,
+        identity: bytes,
+        on_tick: Callable[[], None] | None = None,
+        tick_s: float = 0.1,
     ) -> None:
         self._auth = auth
+        self._on_tick = on_tick
+        self._tick_s = tick_s
         self._handler = handler
         self._identity = identity
         self._ctx = zmq.Context.instance()
@@ -90,9 +99,11 @@ class ControlEndpoint:
         poller.register(self._wake_r, zmq.POLLIN)
         if self._router is not None:
             poller.register(self._router, zmq.POLLIN)
+        next_tick = time.monotonic() + self._tick_s
         try:
             while not self._stop.is_set():
-                for sock, _ in poller.poll(1000):
+                wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+                for sock, _ in poller.poll(wait_ms):
                     if sock is self._wake_r or sock == self._wake_r.fileno():  # pyzmq returns the fd
                         self._drain_wake()
                     elif sock is self._router:
@@ -100,6 +111,10 @@ class ControlEndpoint:
                     else:
                         self._recv_dealer(sock)
                 self._flush(poller)
+                if self._on_tick is not None and time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self._tick_s
+                    self._on_tick()  # timers run even while the engine is idle
+                    self._flush(poller)
         except Exception:  # a bug here must be loud, not a silent dead thread
             log.exception("pdfabric: control endpoint thread crashed")
         finally:

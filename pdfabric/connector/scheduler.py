@@ -95,7 +95,8 @@ class FabricScheduler:
         rid = request.request_id
         if not isinstance(p, Consume) or rid in self._receiving or rid in self._received:
             return 0, False
-        count = compat.prompt_len(request) - num_computed_tokens
+        # every prompt token but the last: vLLM recomputes that one to sample the first output
+        count = compat.prompt_len(request) - 1 - num_computed_tokens
         if count <= 0:
             return 0, False
         self._local_hit[rid] = num_computed_tokens
@@ -112,7 +113,7 @@ class FabricScheduler:
             return
         n_prompt = compat.prompt_len(request)
         first = self._local_hit.pop(rid, 0) // self.block_size
-        need = -(-n_prompt // self.block_size)
+        need = -(-(n_prompt - 1) // self.block_size)
         self._waiting.pop(rid, None)
         self._receiving[rid] = p
         self._meta.recvs.append(RecvReq(rid, p.transfer_id, p.producer, list(block_ids[first:need]), first, n_prompt))

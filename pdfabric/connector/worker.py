@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from collections import Counter
 from typing import Any, Callable
+
+import numpy as np
 
 from pdfabric.connector.control import ControlEndpoint
 from pdfabric.connector.links import ConsumerLinks, ProducerLinks
@@ -117,7 +118,7 @@ class FabricWorker:
         bind = (s.control_host, port + self.tp_rank) if port is not None else None
         ident = f"{self.engine}/{self.tp_rank}/{os.urandom(4).hex()}".encode()
         auth = Authenticator(s.secret, self.engine, window_s=s.status_window_s)
-        self.control = ControlEndpoint(auth, self._on_message, bind, ident)
+        self.control = ControlEndpoint(auth, self._on_message, bind, ident, on_tick=self._tick)
         log.info("pdfabric: worker %s ready: %s transport, %d layers, control %s, auth %s",
                  self.engine, transport.name, n, f"{bind[0]}:{bind[1]}" if bind else "outbound only",
                  s.secret_source)
@@ -182,6 +183,15 @@ class FabricWorker:
             out = (self._sent, self._recvd, self._failed)
             self._sent, self._recvd, self._failed = set(), set(), set()
         return out
+
+    def _tick(self) -> None:
+        """Control thread, every 100 ms: lease and grant timers fire even on an idle engine."""
+        now = self._clock()
+        with self._lock:
+            if self.ptable is not None:
+                self._do(self.ptable.tick(now))
+            if self.ctable is not None:
+                self._do(self.ctable.tick(now))
 
     def _poll_pushes(self) -> None:
         assert self.ptable is not None
@@ -313,11 +323,16 @@ class FabricWorker:
         return proxy
 
     def _corrupt(self, tid: str, blocks: list[int]) -> None:
-        """Fault injection: noise over every received byte of ``tid`` (canary tests)."""
+        """Fault injection (canary tests): scramble every received KV element of ``tid``.
+
+        Elements are moved, never invented: random bytes would include NaN patterns that
+        poison attention long after these blocks are freed and reused."""
         assert self.layout is not None
-        rng = random.Random(tid)
+        width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[self.layout.geometry.element_size]
+        rng = np.random.default_rng(abs(hash(tid)) % 2**32)
         for region in self.layout.regions(blocks):
-            view_of(region)[:] = rng.randbytes(region.length)
+            elems = np.frombuffer(view_of(region), dtype=width)
+            elems[:] = rng.permutation(elems)
 
     # -- control thread ------------------------------------------------------------------
     def _on_message(self, peer: str, msg: Message) -> list[Message]:

@@ -93,8 +93,10 @@ class Refuse(_Msg):
 
 
 class Grant(_Msg):
-    """The consumer reserved ``blocks`` for ``transfer_id``: push KV blocks
-    ``first_block ..`` of the prompt into them, one write per layer."""
+    """The consumer reserved ``blocks`` for ``transfer_id``: push the prompt's KV blocks
+    ``first_block ..`` into them, one write per layer. ``num_tokens`` is the prompt
+    length (checked against the producer's); the blocks cover its first
+    ``num_tokens - 1`` tokens - the consumer recomputes the last one to sample from it."""
 
     transfer_id: str
     engine: str

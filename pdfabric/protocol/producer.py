@@ -105,9 +105,10 @@ class ProducerTable:
         """The scheduler runs ``req_id`` this step; after it ``computed`` tokens have KV."""
         s = self._sends.get(tid)
         if s is None:
-            if tid in self._ended:
-                self.counters["reused_transfer_id"] += 1
             s = self._sends[tid] = _Send(tid, now + self.lease_s)
+            if tid in self._ended:  # the consumer gave up (or the id is reused): never push
+                s.ended = self._ended[tid]
+                self.counters["ended_before_prefill"] += 1
         s.req_id, s.blocks, s.prompt_len = req_id, list(blocks), prompt_len
         s.final_step = computed >= prompt_len and not s.ready
         self._by_req[req_id] = tid
@@ -184,9 +185,10 @@ class ProducerTable:
 
     def remote_abort(self, tid: str, reason: str) -> list[ProducerAction]:
         s = self._sends.get(tid)
-        if s is None:
-            return []
         self.counters["remote_aborts"] += 1
+        if s is None:  # before the prefill request arrived: it must not hold blocks for it
+            self._remember(tid, f"the consumer aborted: {reason}")
+            return []
         if not s.ended:
             s.ended = f"the consumer aborted: {reason}"
         return self._maybe_release(s)
@@ -244,7 +246,7 @@ class ProducerTable:
         g = s.grant
         if g is None or s.req_id is None or s.ended:
             return []
-        want = -(-s.prompt_len // self.block_size)
+        want = -(-(s.prompt_len - 1) // self.block_size)  # the last token is recomputed by the consumer
         if g.num_tokens != s.prompt_len or len(g.blocks) + g.first_block != want or g.first_block < 0:
             s.ended = (
                 f"grant does not match the prompt: consumer has {g.num_tokens} tokens in "

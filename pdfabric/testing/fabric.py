@@ -46,6 +46,7 @@ class FabricPair:
     producer_extra: dict[str, Any] = field(default_factory=dict)
     consumer_extra: dict[str, Any] = field(default_factory=dict)
     secret: str = field(default_factory=lambda: os.urandom(16).hex())
+    engine_args: list[str] = field(default_factory=list)  # extra vLLM server flags for both engines
 
     def __post_init__(self) -> None:
         self.p_port, self.p_ctl, self.d_port, self.d_ctl = (free_port() for _ in range(4))
@@ -56,7 +57,7 @@ class FabricPair:
         cfg = {"transport": self.transport, "control_port": ctl, "engine_name": name,
                "secret": {"env": SECRET_ENV}, **extra}
         spec = EngineSpec(name, port, self.model, self.log_dir, connector_config(role, cfg), cores=core,
-                          env={SECRET_ENV: self.secret})
+                          extra_args=list(self.engine_args), env={SECRET_ENV: self.secret})
         return Engine(spec)
 
     @property

@@ -137,10 +137,15 @@ class FabricScheduler:
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
+        params = self.params(request)  # before forgetting _bad: a refused request is not parsed again
         self._bad.discard(rid)
+        received = rid in self._received
         self._received.discard(rid)
         self._local_hit.pop(rid, None)
         waiting = self._waiting.pop(rid, None)
+        if (waiting is None and isinstance(params, Consume) and not received and rid not in self._receiving
+                and compat.is_aborted(request)):
+            waiting = params  # aborted before vLLM ever asked us (queued): its producer waits all the same
         if waiting is not None:  # never got blocks: tell the producer not to wait for a grant
             self._meta.unsent_aborts.append((waiting.producer, waiting.transfer_id, "the decode request ended before it was granted"))
         if self._receiving.pop(rid, None) is not None:

@@ -49,7 +49,7 @@ def test_round_trip_keeps_type_and_fields(msg: object) -> None:
 
 def test_messages_are_tagged_by_class_name() -> None:
     raw = msgspec.msgpack.decode(encode(Abort("t-1", "why")))
-    assert raw == {"type": "Abort", "transfer_id": "t-1", "reason": "why"}
+    assert raw == {"type": "Abort", "transfer_id": "t-1", "reason": "why", "rehello": False}
 
 
 def test_protocol_error_is_a_fabric_error() -> None:

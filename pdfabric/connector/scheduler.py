@@ -143,9 +143,10 @@ class FabricScheduler:
         self._received.discard(rid)
         self._local_hit.pop(rid, None)
         waiting = self._waiting.pop(rid, None)
-        if (waiting is None and isinstance(params, Consume) and not received and rid not in self._receiving
-                and compat.is_aborted(request)):
-            waiting = params  # aborted before vLLM ever asked us (queued): its producer waits all the same
+        if waiting is None and isinstance(params, Consume) and not received and rid not in self._receiving:
+            # never granted: aborted while queued, or nothing to load (full local prefix hit,
+            # 1-token prompt); either way its producer must not wait out a lease
+            waiting = params
         if waiting is not None:  # never got blocks: tell the producer not to wait for a grant
             self._meta.unsent_aborts.append((waiting.producer, waiting.transfer_id, "the decode request ended before it was granted"))
         if self._receiving.pop(rid, None) is not None:

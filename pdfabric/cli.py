@@ -15,7 +15,7 @@ from pdfabric import __version__
 
 __all__ = ["main", "COMMANDS"]
 
-COMMANDS = ("config", "bench")
+COMMANDS = ("config", "bench", "proxy")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Routing proxy (OpenAI-compatible). Not implemented yet; see the proxy issue."""
+"""Routing proxy (OpenAI-compatible): ``pdfabric proxy``; see ``pdfabric.proxy.server``."""
 
 from __future__ import annotations
 

@@ -1,0 +1,113 @@
+"""``pdfabric proxy``: run the routing proxy.
+
+Instances and policy come from a topology file (``--topology FILE``) or from flags::
+
+    pdfabric proxy --prefill http://127.0.0.1:8100@127.0.0.1:8101 --decode http://127.0.0.1:8200
+
+(``URL@CONTROL``: an engine's OpenAI URL and its connector's control endpoint.) Flags given
+with ``--topology`` override the file's ``proxy`` section. Exits 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from typing import Any
+
+__all__ = ["register", "settings_and_registry"]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("proxy", help="run the OpenAI-compatible routing proxy",
+                              description="Pair each request with a prefill and a decode engine.")
+    p.add_argument("--topology", metavar="FILE", help="topology YAML: instances and proxy settings")
+    p.add_argument("--prefill", action="append", default=[], metavar="URL@CONTROL", help="a prefill engine (repeatable)")
+    p.add_argument("--decode", action="append", default=[], metavar="URL", help="a decode engine (repeatable)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--policy", choices=["round_robin", "least_loaded", "prefix_aware"])
+    p.add_argument("--pairing", choices=["concurrent", "sequential"])
+    p.add_argument("--min-tokens", type=int, dest="min_tokens", help="shorter prompts go to a decode engine alone")
+    p.add_argument("--api-key-env", metavar="NAME", help="environment variable holding API keys (comma separated)")
+    p.add_argument("--model", help="model name for /v1/models (default: ask an engine)")
+    p.set_defaults(func=run)
+
+
+def settings_and_registry(args: argparse.Namespace) -> tuple[Any, Any]:
+    from pdfabric.config import load_topology
+    from pdfabric.errors import ConfigError
+    from pdfabric.proxy.instances import Instance, Registry
+    from pdfabric.proxy.server import ProxySettings
+
+    base: dict[str, Any] = {}
+    instances: list[Instance] = []
+    if args.topology:
+        topo = load_topology(args.topology, check_secrets=True)
+        px = topo.proxy
+        keys = topo.resolve_secret(px.api_keys, path="proxy.api_keys") if px.api_keys else ""
+        base = dict(host=px.host, port=px.port, policy=px.policy, pairing=px.pairing,
+                    disaggregate_min_tokens=px.disaggregate_min_tokens, leg_timeout_s=px.leg_timeout_s,
+                    max_body=int(px.max_body), api_keys=_keys(keys), model=topo.model.display_name)
+        for i in topo.instances:
+            control = f"{i.host}:{i.control_port}" if i.control_port is not None and i.can_prefill else None
+            instances.append(Instance(i.name, i.role, f"http://{i.host}:{i.port}", control))
+    for n, spec in enumerate(args.prefill):
+        url, sep, control = spec.rpartition("@")
+        if not sep or not url.startswith("http"):
+            raise ConfigError(f"--prefill expects URL@CONTROL (http://host:port@host:port), got {spec!r}")
+        instances.append(Instance(f"prefill-{n}", "prefill", url.rstrip("/"), control))
+    for n, url in enumerate(args.decode):
+        if not url.startswith("http"):
+            raise ConfigError(f"--decode expects an http://host:port URL, got {url!r}")
+        instances.append(Instance(f"decode-{n}", "decode", url.rstrip("/")))
+    if not any(i.can_decode for i in instances):
+        raise ConfigError("no decode instance: give --decode URL or a --topology with a decode/both instance")
+    flags = {"host": args.host, "port": args.port, "policy": args.policy, "pairing": args.pairing,
+             "disaggregate_min_tokens": args.min_tokens, "model": args.model}
+    base.update({k: v for k, v in flags.items() if v is not None})
+    if args.api_key_env:
+        base["api_keys"] = _keys(os.environ.get(args.api_key_env, ""))
+        if not base["api_keys"]:
+            raise ConfigError(f"--api-key-env {args.api_key_env}: the variable is unset or empty")
+    return ProxySettings(**base), Registry(instances)
+
+
+def _keys(text: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in text.split(",") if k.strip())
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdfabric.errors import ConfigError
+
+    try:
+        settings, registry = settings_and_registry(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_serve(settings, registry))
+
+
+async def _serve(settings: Any, registry: Any) -> int:
+    from pdfabric.proxy.server import Proxy
+
+    proxy = Proxy(settings, registry)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        port = await proxy.start()
+    except OSError as e:
+        print(f"error: cannot listen on {settings.host}:{settings.port}: {e}", file=sys.stderr)
+        return 2
+    names = ", ".join(f"{i.name} ({i.role})" for i in registry.all())
+    print(f"pdfabric proxy on http://{settings.host}:{port} - {settings.policy}, {settings.pairing}; {names}", flush=True)
+    await stop.wait()
+    await proxy.stop()
+    return 0

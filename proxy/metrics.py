@@ -1,0 +1,38 @@
+"""Prometheus text for the proxy (``/metrics``), written by hand: no registry, no locks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pdfabric.proxy.server import Proxy
+
+__all__ = ["render"]
+
+
+def render(proxy: "Proxy") -> str:
+    c, s = proxy.stats.counters, proxy.stats.seconds
+    lines = [
+        "# TYPE pdfabric_proxy_requests_total counter",
+        f"pdfabric_proxy_requests_total {c['requests']}",
+        "# TYPE pdfabric_proxy_errors_total counter",
+    ]
+    lines += [f'pdfabric_proxy_errors_total{{code="{k[7:]}"}} {v}' for k, v in sorted(c.items()) if k.startswith("errors_")]
+    lines += [
+        "# TYPE pdfabric_proxy_prefill_failures_total counter",
+        f"pdfabric_proxy_prefill_failures_total {c['prefill_failures']}",
+        "# TYPE pdfabric_proxy_decode_alone_total counter",
+        f'pdfabric_proxy_decode_alone_total{{reason="policy"}} {c["decode_alone"]}',
+        f'pdfabric_proxy_decode_alone_total{{reason="prefill_failed"}} {c["decode_alone_after_failure"]}',
+        "# TYPE pdfabric_proxy_leg_seconds summary",
+        f'pdfabric_proxy_leg_seconds_sum{{leg="prefill"}} {s["prefill"]:.6f}',
+        f'pdfabric_proxy_leg_seconds_count{{leg="prefill"}} {c["prefill_n"]}',
+        f'pdfabric_proxy_leg_seconds_sum{{leg="decode_first_byte"}} {s["decode_first_byte"]:.6f}',
+        f'pdfabric_proxy_leg_seconds_count{{leg="decode_first_byte"}} {c["decode_first_byte_n"]}',
+        "# TYPE pdfabric_proxy_instance_up gauge",
+    ]
+    for i in proxy.registry.all():
+        labels = f'instance="{i.name}",role="{i.role}"'
+        lines.append(f"pdfabric_proxy_instance_up{{{labels}}} {int(i.healthy and not i.draining)}")
+        lines.append(f"pdfabric_proxy_instance_in_flight{{{labels}}} {i.in_flight}")
+    return "\n".join(lines) + "\n"

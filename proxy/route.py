@@ -1,0 +1,165 @@
+"""One client request through the proxy: choose, send the legs, retry, stream back.
+
+Rules:
+
+1. Nothing is written to the client before the decode leg produced its first bytes, so
+   until then a failed prefill leg can be retried elsewhere without the client noticing.
+2. A prefill leg that fails (unreachable, HTTP error, timeout) before that point cancels the
+   decode leg (closing its connection: the engine aborts it) and the request is tried with
+   the next prefill engine; after ``prefill_attempts`` the decode engine serves it alone and
+   recomputes the prompt - counted (``decode_alone``) and logged with the reason.
+3. A client that hangs up cancels every leg still open.
+4. Load counters (in-flight requests and prompt tokens) are taken before a leg starts and
+   given back in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from pdfabric.proxy.instances import Instance
+from pdfabric.proxy.legs import LegFailed, Opened, decode_body, new_transfer_id, prefill_body
+
+if TYPE_CHECKING:
+    from pdfabric.proxy.server import Proxy
+
+__all__ = ["serve_request"]
+
+log = logging.getLogger("pdfabric.proxy")
+
+_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
+
+
+async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: bool, body: dict[str, Any],
+                        stream: bool, tokens: int, hashes: list[bytes]) -> web.StreamResponse:
+    from pdfabric.proxy.server import HTTPProblem
+
+    tried: set[str] = set()
+    reason = ""
+    for _ in range(max(1, proxy.settings.prefill_attempts)):
+        choice = proxy.router.choose(proxy.registry.prefills(), proxy.registry.decodes(), tokens, hashes, frozenset(tried))
+        if choice is None:
+            raise HTTPProblem(503, "no healthy decode instance", "service_unavailable", "no_instance")
+        if choice.prefill is None:
+            break
+        try:
+            opened = await _disaggregated(proxy, choice.prefill, choice.decode, path, chat, body, stream, tokens)
+        except LegFailed as e:
+            reason = _prefill_failed(proxy, e)
+            tried.add(e.instance.name)
+            continue
+        proxy.router.remember(choice.prefill, hashes)
+        return await _respond(proxy, request, opened, stream)
+    else:
+        choice = proxy.router.choose([], proxy.registry.decodes(), tokens, hashes)
+        if choice is None:
+            raise HTTPProblem(503, "no healthy decode instance", "service_unavailable", "no_instance")
+    if reason:
+        proxy.stats.counters["decode_alone_after_failure"] += 1
+        log.warning("pdfabric proxy: decode engine %s serves a request alone (recomputes): %s", choice.decode.name, reason)
+    else:
+        proxy.stats.counters["decode_alone"] += 1
+    opened = await _leg(proxy, choice.decode, tokens, path, body, stream)
+    return await _respond(proxy, request, opened, stream)
+
+
+def _prefill_failed(proxy: "Proxy", e: LegFailed) -> str:
+    proxy.stats.counters["prefill_failures"] += 1
+    e.instance.failures += 1
+    e.instance.last_error = e.why
+    if e.down:
+        e.instance.healthy = False
+    log.warning("pdfabric proxy: prefill leg on %s failed: %s; retrying elsewhere", e.instance.name, e.why)
+    return f"prefill {e.instance.name} failed: {e.why}"
+
+
+async def _leg(proxy: "Proxy", inst: Instance, tokens: int, path: str, body: dict[str, Any], stream: bool) -> Opened:
+    inst.in_flight += 1
+    inst.in_flight_tokens += tokens
+    t0 = time.perf_counter()
+    try:
+        opened = await proxy.upstream.open(inst, path, body, stream)
+    except LegFailed as e:
+        from pdfabric.proxy.server import HTTPProblem
+
+        if e.down:
+            inst.healthy = False
+        raise HTTPProblem(502, f"decode instance {e.why}", "upstream_error") from None
+    finally:
+        inst.in_flight -= 1
+        inst.in_flight_tokens -= tokens
+    proxy.stats.seconds["decode_first_byte"] += time.perf_counter() - t0
+    proxy.stats.counters["decode_first_byte_n"] += 1
+    inst.served += 1
+    return opened
+
+
+async def _disaggregated(proxy: "Proxy", p: Instance, d: Instance, path: str, chat: bool,
+                         body: dict[str, Any], stream: bool, tokens: int) -> Opened:
+    tid = new_transfer_id()
+    p_body = prefill_body(body, chat, tid)
+    if proxy.settings.pairing == "sequential":
+        answer = await _prefill(proxy, p, path, p_body, tokens)
+        params = answer.get("kv_transfer_params")
+        if not isinstance(params, dict):
+            raise LegFailed(p, "its answer carries no kv_transfer_params (is the pdfabric connector loaded?)")
+        return await _leg(proxy, d, tokens, path, decode_body(body, params), stream)
+    assert p.control is not None
+    d_params = {"pdfabric": "consume", "transfer_id": tid, "producer": p.control}
+    p_task = asyncio.create_task(_prefill(proxy, p, path, p_body, tokens))
+    d_task = asyncio.create_task(_leg(proxy, d, tokens, path, decode_body(body, d_params), stream))
+    try:
+        done, _ = await asyncio.wait({p_task, d_task}, return_when=asyncio.FIRST_COMPLETED)
+        if p_task in done and p_task.exception() is not None and not d_task.done():
+            d_task.cancel()  # Rule 2: its connection closes and the engine aborts it
+            with contextlib.suppress(BaseException):
+                await d_task
+            raise p_task.exception()  # type: ignore[misc]
+        opened = await d_task
+    except BaseException:
+        p_task.cancel()
+        d_task.cancel()
+        raise
+    p_task.add_done_callback(_quiet)
+    return opened
+
+
+def _quiet(t: "asyncio.Task[Any]") -> None:
+    if not t.cancelled() and t.exception() is not None:
+        log.warning("pdfabric proxy: prefill leg failed after the decode leg answered: %s", t.exception())
+
+
+async def _prefill(proxy: "Proxy", p: Instance, path: str, body: dict[str, Any], tokens: int) -> dict[str, Any]:
+    p.in_flight += 1
+    p.in_flight_tokens += tokens
+    t0 = time.perf_counter()
+    try:
+        return await proxy.upstream.post_json(p, path, body)
+    finally:
+        p.in_flight -= 1
+        p.in_flight_tokens -= tokens
+        proxy.stats.seconds["prefill"] += time.perf_counter() - t0
+        proxy.stats.counters["prefill_n"] += 1
+
+
+async def _respond(proxy: "Proxy", request: web.Request, opened: Opened, stream: bool) -> web.StreamResponse:
+    resp = opened.resp
+    headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
+    try:
+        if not stream or resp.status != 200:
+            return web.Response(body=opened.first, status=resp.status, headers=headers)
+        out = web.StreamResponse(status=resp.status, headers=headers)
+        await out.prepare(request)
+        await out.write(opened.first)
+        async for chunk in resp.content.iter_any():
+            await out.write(chunk)
+        await out.write_eof()
+        return out
+    finally:
+        resp.release() if stream else resp.close()

@@ -1,0 +1,285 @@
+"""The routing proxy: an OpenAI-compatible front that pairs each request with a prefill
+and a decode engine (aiohttp on uvloop).
+
+Endpoints: ``/v1/completions``, ``/v1/chat/completions`` (streaming passed through chunk by
+chunk, or not), ``/v1/models``, ``/health``, ``/metrics`` and the admin API
+``/admin/instances`` (GET list, POST add), ``/admin/instances/{name}/drain`` (POST) and
+``/admin/instances/{name}`` (DELETE).
+
+One request: choose (prefill, decode) with the policy; send both legs at once with a shared
+transfer id (``concurrent``) or the prefill leg first (``sequential``); if the prefill leg
+fails before the decode leg produced anything, cancel the decode leg and retry with another
+prefill engine, then with the decode engine alone (it recomputes; counted and logged). A
+client that hangs up cancels both legs, which makes the engines abort the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+
+from pdfabric.proxy.instances import Instance, Registry, UnknownInstance
+from pdfabric.proxy.legs import Upstream
+from pdfabric.proxy.policy import Router, chunk_hashes, estimate_tokens
+
+__all__ = ["ProxySettings", "Proxy", "HTTPProblem"]
+
+log = logging.getLogger("pdfabric.proxy")
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy: Literal["round_robin", "least_loaded", "prefix_aware"] = "round_robin"
+    pairing: Literal["concurrent", "sequential"] = "concurrent"
+    disaggregate_min_tokens: int = 0
+    leg_timeout_s: float = 600.0
+    max_body: int = 8 * 1024 * 1024
+    api_keys: tuple[str, ...] = ()
+    health_interval_s: float = 2.0
+    prefill_attempts: int = 2
+    model: str | None = None  # served model name for /v1/models (None: ask an engine)
+
+
+class HTTPProblem(Exception):
+    """An error answered to the client as an OpenAI-style JSON body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.kind, "code": self.code or self.status}}
+        return web.json_response(body, status=self.status)
+
+
+@dataclass
+class _Stats:
+    counters: Counter[str] = field(default_factory=Counter)
+    seconds: Counter[str] = field(default_factory=Counter)
+
+
+class Proxy:
+    def __init__(self, settings: ProxySettings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.router = Router(settings.policy, settings.disaggregate_min_tokens)
+        self.upstream = Upstream(settings.leg_timeout_s)
+        self.stats = _Stats()
+        self._health_task: asyncio.Task[None] | None = None
+        self._runner: web.AppRunner | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.max_body, middlewares=[self._errors])
+        r = app.router
+        r.add_post("/v1/completions", self._completions)
+        r.add_post("/v1/chat/completions", self._chat)
+        r.add_get("/v1/models", self._models)
+        r.add_get("/health", self._health)
+        r.add_get("/metrics", self._metrics)
+        r.add_get("/admin/instances", self._admin_list)
+        r.add_post("/admin/instances", self._admin_add)
+        r.add_post("/admin/instances/{name}/drain", self._admin_drain)
+        r.add_delete("/admin/instances/{name}", self._admin_remove)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, _: web.Application) -> None:
+        await self.upstream.start()
+        self._health_task = asyncio.create_task(self._health_loop())
+
+    async def _on_cleanup(self, _: web.Application) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await self.upstream.close()
+
+    async def start(self) -> int:
+        """Serve in the running loop; returns the bound port (0 in settings picks one)."""
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port, reuse_address=True)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- middleware and small endpoints -------------------------------------------------
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            if request.path.startswith(("/v1/", "/admin/")):
+                self._check_key(request)
+            return await handler(request)
+        except HTTPProblem as p:
+            self.stats.counters[f"errors_{p.status}"] += 1
+            return p.response()
+        except web.HTTPRequestEntityTooLarge:
+            self.stats.counters["errors_413"] += 1
+            return HTTPProblem(413, f"request body is larger than {self.settings.max_body} bytes").response()
+        except web.HTTPException as e:
+            return HTTPProblem(e.status, e.reason or "error").response()
+
+    def _check_key(self, request: web.Request) -> None:
+        keys = self.settings.api_keys
+        if not keys:
+            return
+        got = request.headers.get("Authorization", "")
+        token = got[7:] if got.startswith("Bearer ") else ""
+        if not any(hmac.compare_digest(token, k) for k in keys):
+            raise HTTPProblem(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+
+    async def _health(self, _: web.Request) -> web.Response:
+        ok = bool(self.registry.decodes())
+        return web.json_response({"status": "ok" if ok else "no healthy decode instance"}, status=200 if ok else 503)
+
+    async def _models(self, _: web.Request) -> web.Response:
+        name = self.settings.model
+        if name is None:
+            for inst in self.registry.decodes():
+                try:
+                    async with self.upstream.session.get(inst.url + "/v1/models") as resp:
+                        return web.json_response(await resp.json(), status=resp.status)
+                except Exception:
+                    continue
+            raise HTTPProblem(503, "no healthy instance to list models", "service_unavailable")
+        data = {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "pdfabric"}]}
+        return web.json_response(data)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        from pdfabric.proxy.metrics import render
+
+        return web.Response(text=render(self), content_type="text/plain")
+
+    # -- admin -------------------------------------------------------------------------
+    async def _admin_list(self, _: web.Request) -> web.Response:
+        return web.json_response({"instances": [i.as_dict() for i in self.registry.all()]})
+
+    async def _admin_add(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        name, role, url = body.get("name"), body.get("role"), body.get("url")
+        if not isinstance(name, str) or not name or role not in ("prefill", "decode", "both") or not isinstance(url, str):
+            raise HTTPProblem(400, "expected {name: str, role: prefill|decode|both, url: http://host:port, control: host:port}")
+        control = body.get("control")
+        if role != "decode" and not isinstance(control, str):
+            raise HTTPProblem(400, f"a {role} instance needs 'control' (host:port of its connector)")
+        try:
+            self.registry.add(Instance(name, role, url.rstrip("/"), control if isinstance(control, str) else None))
+        except ValueError as e:
+            raise HTTPProblem(409, str(e)) from None
+        return web.json_response(self.registry.get(name).as_dict(), status=201)
+
+    def _instance(self, request: web.Request) -> Instance:
+        name = request.match_info["name"]
+        try:
+            return self.registry.get(name)
+        except UnknownInstance:
+            known = [i.name for i in self.registry.all()]
+            raise HTTPProblem(404, f"no instance named {name!r}; instances are {known}", code="unknown_instance") from None
+
+    async def _admin_drain(self, request: web.Request) -> web.Response:
+        inst = self._instance(request)
+        inst.draining = True
+        return web.json_response(inst.as_dict())
+
+    async def _admin_remove(self, request: web.Request) -> web.Response:
+        inst = self._instance(request)
+        self.registry.remove(inst.name)
+        return web.json_response(inst.as_dict())
+
+    # -- health ------------------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._probe(i) for i in self.registry.all()), return_exceptions=True)
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    async def _probe(self, inst: Instance) -> None:
+        try:
+            async with self.upstream.session.get(inst.url + "/health", timeout=_PROBE_TIMEOUT) as resp:
+                ok = resp.status == 200
+        except Exception as e:
+            ok, inst.last_error = False, f"health check: {e!r}"
+        if ok != inst.healthy:
+            log.warning("pdfabric proxy: instance %s is %s", inst.name, "up" if ok else f"down ({inst.last_error})")
+        inst.healthy = ok
+
+    # -- the request path --------------------------------------------------------------
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "/v1/completions", chat=False)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "/v1/chat/completions", chat=True)
+
+    async def _serve(self, request: web.Request, path: str, chat: bool) -> web.StreamResponse:
+        body = await _json_body(request)
+        _validate(body, chat)
+        stream = bool(body.get("stream", False))
+        prompt = _prompt_of(body, chat)
+        tokens, hashes = estimate_tokens(prompt), chunk_hashes(prompt)
+        self.stats.counters["requests"] += 1
+        from pdfabric.proxy.route import serve_request
+
+        return await serve_request(self, request, path, chat, body, stream, tokens, hashes)
+
+
+_PROBE_TIMEOUT = None  # set below (aiohttp import kept local to the module top)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HTTPProblem(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise HTTPProblem(400, f"expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _validate(body: dict[str, Any], chat: bool) -> None:
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise HTTPProblem(400, "'model' is required and must be a string", code="missing_model")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise HTTPProblem(400, f"'stream' must be a boolean, got {json.dumps(body['stream'])}")
+    for key in ("max_tokens", "max_completion_tokens"):
+        v = body.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise HTTPProblem(400, f"'{key}' must be a positive integer, got {json.dumps(v)}")
+    if chat and not isinstance(body.get("messages"), list):
+        raise HTTPProblem(400, "'messages' is required and must be a list")
+    if not chat and not isinstance(body.get("prompt"), (str, list)):
+        raise HTTPProblem(400, "'prompt' is required: a string, a list of strings or of token ids")
+    if "kv_transfer_params" in body:
+        raise HTTPProblem(400, "'kv_transfer_params' is set by the proxy, not by clients")
+
+
+def _prompt_of(body: dict[str, Any], chat: bool) -> Any:
+    if not chat:
+        return body.get("prompt")
+    parts = []
+    for m in body.get("messages", []):
+        c = m.get("content") if isinstance(m, dict) else None
+        parts.append(c if isinstance(c, str) else json.dumps(c))
+    return "\n".join(parts)
+
+
+def _probe_timeout() -> Any:
+    import aiohttp
+
+    return aiohttp.ClientTimeout(total=2.0)
+
+
+_PROBE_TIMEOUT = _probe_timeout()

@@ -12,7 +12,8 @@ endpoint of the named instance and the shared secret::
     {"topology": "configs/cpu-1p1d-tcp.yaml", "instance": "prefill-0"}
 
 Inline timing keys (``transfer_timeout_s``, ``lease_s`` ...) may accompany a topology
-reference; transport, control endpoint and secret may not (one source of truth).
+reference; transport and control endpoint may not (one source of truth), and a ``secret``
+only when the topology names none (the launcher's per-launch secret).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pdfabric.errors import ConfigError
 __all__ = ["ConnectorSettings", "Faults", "Resolved", "resolve_settings", "SOURCE"]
 
 SOURCE = "kv_connector_extra_config"
-_TOPOLOGY_OWNS = ("transport", "control_host", "control_port", "secret")
+_TOPOLOGY_OWNS = ("transport", "control_host", "control_port")
 
 
 class Faults(BaseModel):
@@ -160,8 +161,12 @@ def _from_topology(s: ConnectorSettings) -> tuple[Any, str, int | None, bytes, s
     if inst is None:
         raise ConfigError(f"no instance named {s.instance!r} in {s.topology}; instances are {names}", path="instance", source=SOURCE)
     secret = topo.shared_secret()
-    if secret is None:
-        return topo.transport, inst.host, inst.control_port, b"", "none"
+    if secret is not None and s.secret is not None:
+        raise ConfigError("'secret' is set both here and in the topology file; remove one of them",
+                          path="secret", source=SOURCE)
+    if secret is None:  # e.g. the launcher's per-launch secret for a topology that names none
+        value, where = _secret(s.secret, None, None)
+        return topo.transport, inst.host, inst.control_port, value, where
     return topo.transport, inst.host, inst.control_port, secret.encode(), f"topology {s.topology}"
 
 

@@ -92,11 +92,17 @@ def test_topology_reference_gives_instance_endpoint_and_transport() -> None:
 
 @pytest.mark.parametrize(
     "key, value",
-    [("transport", {"kind": "tcp"}), ("control_port", 9000), ("control_host", "127.0.0.1"), ("secret", {"env": ENV})],
+    [("transport", {"kind": "tcp"}), ("control_port", 9000), ("control_host", "127.0.0.1")],
 )
 def test_topology_plus_inline_endpoint_is_refused(key: str, value: Any) -> None:
     err = refused({"topology": TOPOLOGY, "instance": "prefill-0", key: value})
     assert err.path == key and "topology" in err.message
+
+
+def test_secret_beside_a_topology_without_one_is_the_launch_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV, "per-launch")
+    r = resolve_settings({"topology": TOPOLOGY, "instance": "prefill-0", "secret": {"env": ENV}}, needs_control_port=True)
+    assert r.secret == b"per-launch"
 
 
 def test_unknown_instance_is_refused_listing_the_names() -> None:
@@ -145,3 +151,11 @@ def test_secret_file_relative_to_working_directory(tmp_path: Path, monkeypatch: 
     monkeypatch.chdir(tmp_path)
     r = resolve_settings({"secret": {"file": "hmac.key"}}, needs_control_port=False)
     assert r.secret == b"from-file" and r.secret_source == "file hmac.key"
+
+
+def test_secret_in_both_places_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    topo = tmp_path / "t.yaml"
+    topo.write_text(Path(TOPOLOGY).read_text(encoding="utf-8") + f"\nsecret:\n  env: {ENV}\n", encoding="utf-8")
+    monkeypatch.setenv(ENV, "topo-secret")
+    err = refused({"topology": str(topo), "instance": "prefill-0", "secret": {"env": ENV}})
+    assert err.path == "secret" and "both" in err.message

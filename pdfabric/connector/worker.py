@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Callable
 
 import numpy as np
@@ -93,6 +93,8 @@ class FabricWorker:
         self._timers: list[threading.Timer] = []
         self._granted_blocks: dict[str, list[int]] = {}
         self._grants_sent: dict[str, tuple[Grant, int]] = {}  # grant, times repeated
+        self._recent: deque[tuple[str, int, float]] = deque(maxlen=256)
+        self._fingerprint: dict[str, str | int] = {}
         self._consumers: ProducerLinks | None = None  # producer's view of its consumers
         self._producers: ConsumerLinks | None = None  # consumer's view of its producers
 
@@ -107,6 +109,7 @@ class FabricWorker:
         self.layout, self.transport = layout, transport
         self._layer_index = {n: i for i, n in enumerate(layout.layer_names)}
         fp = layout.fingerprint(self.model, self.tp_rank, self.tp_size)
+        self._fingerprint = fp.as_dict()
         n = layout.geometry.num_layers
         s = self.settings
         if self.producer:
@@ -276,6 +279,8 @@ class FabricWorker:
             self._recvd.add(a.request_id)
             if not a.aborted:
                 self.counters["received"] += 1
+                self.counters["received_bytes"] += a.nbytes
+                self._recent.append((a.transfer_id, a.nbytes, round(self._clock() - a.started, 6)))
             return
         self._failed.add(a.request_id)
         self.counters["recomputes"] += 1
@@ -402,7 +407,7 @@ class FabricWorker:
         if self.transport is not None:
             counters["transport_rejections"] = len(self.transport.rejections)
         role = "both" if self.producer and self.consumer else "producer" if self.producer else "consumer"
-        return StatusReply(role, self.engine, dict(counters), open_)
+        return StatusReply(role, self.engine, dict(counters), open_, self._fingerprint, list(self._recent))
 
     # -- shutdown ----------------------------------------------------------------------
     def close(self) -> None:

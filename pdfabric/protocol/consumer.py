@@ -56,6 +56,8 @@ class Finish:
     ok: bool
     reason: str = ""
     aborted: bool = False
+    nbytes: int = field(default=0, compare=False)  # for status reports only
+    started: float = field(default=0.0, compare=False)
 
 
 ConsumerAction = Union[SendGrant, Revoke, SendAbort, Finish]
@@ -116,7 +118,7 @@ class ConsumerTable:
             return []
         self._drop(r)
         self.counters["transfers_received"] += 1
-        return [Finish(r.req_id, tid, True)]
+        return [Finish(r.req_id, tid, True, nbytes=r.nbytes, started=r.started)]
 
     def failed(self, tid: str, reason: str, tell_producer: bool = True) -> list[ConsumerAction]:
         r = self._recvs.get(tid)

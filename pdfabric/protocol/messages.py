@@ -130,6 +130,9 @@ class StatusReply(_Msg):
     engine: str
     counters: dict[str, int]
     open_transfers: list[str]
+    fingerprint: dict[str, str | int] = {}
+    # the latest received transfers: [transfer_id, bytes, seconds from grant to last byte]
+    recent: list[tuple[str, int, float]] = []
 
 
 class Done(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):

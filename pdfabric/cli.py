@@ -15,7 +15,7 @@ from pdfabric import __version__
 
 __all__ = ["main", "COMMANDS"]
 
-COMMANDS = ("config", "bench", "proxy")
+COMMANDS = ("config", "bench", "proxy", "launch")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import aiohttp
 
@@ -43,12 +43,19 @@ def decode_body(body: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     return {**body, "kv_transfer_params": params}
 
 
+def _nothing() -> None:
+    pass
+
+
 @dataclass
 class Opened:
     """A decode leg whose response headers (and first bytes when streaming) arrived."""
 
     resp: aiohttp.ClientResponse
     first: bytes  # first chunk (stream) or the whole body (non-stream)
+    release: Callable[[], None] = _nothing  # gives the leg's load back once the answer is written
+    prefill: asyncio.Task[Any] | None = None  # the pair's prefill leg, when still open
+    headers: dict[str, str] = field(default_factory=dict)  # x-pdfabric-* for the client
 
 
 class Upstream:
@@ -78,10 +85,10 @@ class Upstream:
                 if resp.status != 200:
                     raise LegFailed(inst, f"HTTP {resp.status}: {data[:300].decode(errors='replace')}")
                 return await resp.json(content_type=None)
+        except asyncio.TimeoutError:  # first: it is an OSError (and aiohttp's a ClientConnectionError)
+            raise LegFailed(inst, "timed out") from None
         except (aiohttp.ClientConnectionError, OSError) as e:
             raise LegFailed(inst, f"unreachable: {e}", down=True) from None
-        except asyncio.TimeoutError:
-            raise LegFailed(inst, "timed out") from None
         except (aiohttp.ClientError, ValueError) as e:
             raise LegFailed(inst, f"bad answer: {e}") from None
 
@@ -89,10 +96,10 @@ class Upstream:
         """Start a leg whose answer goes to the client: headers plus its first bytes."""
         try:
             resp = await self.session.post(inst.url + path, json=body)
+        except asyncio.TimeoutError:  # first: see post_json
+            raise LegFailed(inst, "timed out") from None
         except (aiohttp.ClientConnectionError, OSError) as e:
             raise LegFailed(inst, f"unreachable: {e}", down=True) from None
-        except asyncio.TimeoutError:
-            raise LegFailed(inst, "timed out") from None
         try:
             first = await (resp.content.readany() if stream and resp.status == 200 else resp.read())
         except BaseException as e:

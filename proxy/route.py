@@ -55,6 +55,8 @@ async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: b
             tried.add(e.instance.name)
             continue
         proxy.router.remember(choice.prefill, hashes)
+        opened.headers["x-pdfabric-prefill"] = choice.prefill.name
+        opened.headers["x-pdfabric-decode"] = choice.decode.name
         return await _respond(proxy, request, opened, stream)
     else:
         choice = proxy.router.choose([], proxy.registry.decodes(), tokens, hashes)
@@ -66,6 +68,7 @@ async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: b
     else:
         proxy.stats.counters["decode_alone"] += 1
     opened = await _leg(proxy, choice.decode, tokens, path, body, stream)
+    opened.headers["x-pdfabric-decode"] = choice.decode.name
     return await _respond(proxy, request, opened, stream)
 
 
@@ -82,18 +85,25 @@ def _prefill_failed(proxy: "Proxy", e: LegFailed) -> str:
 async def _leg(proxy: "Proxy", inst: Instance, tokens: int, path: str, body: dict[str, Any], stream: bool) -> Opened:
     inst.in_flight += 1
     inst.in_flight_tokens += tokens
+
+    def unload() -> None:  # Rule 4: the decode leg is in flight until its answer is written
+        inst.in_flight -= 1
+        inst.in_flight_tokens -= tokens
+
     t0 = time.perf_counter()
     try:
         opened = await proxy.upstream.open(inst, path, body, stream)
     except LegFailed as e:
         from pdfabric.proxy.server import HTTPProblem
 
+        unload()
         if e.down:
             inst.healthy = False
         raise HTTPProblem(502, f"decode instance {e.why}", "upstream_error") from None
-    finally:
-        inst.in_flight -= 1
-        inst.in_flight_tokens -= tokens
+    except BaseException:
+        unload()
+        raise
+    opened.release = unload
     proxy.stats.seconds["decode_first_byte"] += time.perf_counter() - t0
     proxy.stats.counters["decode_first_byte_n"] += 1
     inst.served += 1
@@ -109,7 +119,9 @@ async def _disaggregated(proxy: "Proxy", p: Instance, d: Instance, path: str, ch
         params = answer.get("kv_transfer_params")
         if not isinstance(params, dict):
             raise LegFailed(p, "its answer carries no kv_transfer_params (is the pdfabric connector loaded?)")
-        return await _leg(proxy, d, tokens, path, decode_body(body, params), stream)
+        opened = await _leg(proxy, d, tokens, path, decode_body(body, params), stream)
+        opened.headers["x-pdfabric-transfer-id"] = str(params.get("transfer_id", tid))
+        return opened
     assert p.control is not None
     d_params = {"pdfabric": "consume", "transfer_id": tid, "producer": p.control}
     p_task = asyncio.create_task(_prefill(proxy, p, path, p_body, tokens))
@@ -125,8 +137,14 @@ async def _disaggregated(proxy: "Proxy", p: Instance, d: Instance, path: str, ch
     except BaseException:
         p_task.cancel()
         d_task.cancel()
+        if d_task.done() and not d_task.cancelled() and d_task.exception() is None:
+            d_task.result().release()  # it opened just as this request was cancelled
+            d_task.result().resp.close()
         raise
     p_task.add_done_callback(_quiet)
+    if not p_task.done():
+        opened.prefill = p_task  # Rule 3: still open; cancelled if the client hangs up
+    opened.headers["x-pdfabric-transfer-id"] = tid
     return opened
 
 
@@ -151,6 +169,7 @@ async def _prefill(proxy: "Proxy", p: Instance, path: str, body: dict[str, Any],
 async def _respond(proxy: "Proxy", request: web.Request, opened: Opened, stream: bool) -> web.StreamResponse:
     resp = opened.resp
     headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
+    headers.update(opened.headers)
     try:
         if not stream or resp.status != 200:
             return web.Response(body=opened.first, status=resp.status, headers=headers)
@@ -161,5 +180,10 @@ async def _respond(proxy: "Proxy", request: web.Request, opened: Opened, stream:
             await out.write(chunk)
         await out.write_eof()
         return out
+    except BaseException:
+        if opened.prefill is not None:
+            opened.prefill.cancel()  # Rule 3: the client hung up (or the stream broke)
+        raise
     finally:
+        opened.release()
         resp.release() if stream else resp.close()

@@ -1,0 +1,128 @@
+"""``pdfabric launch FILE``: run a whole deployment from one topology file.
+
+Preflight (ports, model, vLLM, transports), then every engine in parallel and the proxy,
+with a progress display; then the post-start checks (layout fingerprints equal, each
+prefill -> decode link probed with a real transfer, its GB/s printed) and the endpoint
+table. ``--demo`` sends the demo questions and exits (``--serve`` keeps serving);
+``--dry-run`` prints the exact commands and environment and starts nothing. Ctrl-C or
+SIGTERM stops everything, by process id. Exit codes: 0 ok, 1 a process or check failed,
+2 bad input (topology, preflight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("launch", help="start engines and proxy from a topology file",
+                              description="Start every engine and the proxy of a topology; stop them on Ctrl-C.")
+    p.add_argument("file", metavar="FILE", help="topology YAML (e.g. configs/cpu-1p1d-tcp.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and environment, start nothing")
+    p.add_argument("--demo", action="store_true", help="send the demo questions through the proxy, then stop")
+    p.add_argument("--serve", action="store_true", help="with --demo: keep serving afterwards")
+    p.add_argument("--log-dir", type=Path, default=Path("pdfabric-logs"), help="one log file per process")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each group to be ready")
+    p.add_argument("--platform", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="engine environment: CPU core binding or CUDA devices (auto: from the installed vLLM)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pdfabric.config import load_topology
+    from pdfabric.errors import ConfigError
+    from pdfabric.launch.plan import build_plan, detect_platform
+
+    console = Console(stderr=True)
+    try:
+        topo = load_topology(args.file, check_secrets=not args.dry_run)
+        platform = detect_platform() if args.platform == "auto" else args.platform
+        model = _model_dir(topo, args.dry_run)
+        secret = None if topo.secret is not None else os.urandom(16).hex()
+        plan = build_plan(topo, Path(args.file).resolve(), model, platform, launch_secret=secret)
+    except ConfigError as e:
+        console.print(f"[red]error:[/] {e}", markup=True, highlight=False)
+        return 2
+    if args.dry_run:
+        for spec in plan:
+            print(f"# {spec.name} ({spec.kind}), ready at {spec.ready_url}\n{spec.shell()}\n")
+        return 0
+    from pdfabric.launch.preflight import preflight
+
+    problems = preflight(topo, plan, platform)
+    for msg in problems:
+        console.print(f"[red]preflight:[/] {msg}", highlight=False)
+    if problems:
+        return 2
+    key = (topo.shared_secret() or secret or "").encode()
+    return _run(topo, plan, args, key, console)
+
+
+def _model_dir(topo: Any, dry_run: bool) -> Path:
+    """The model directory; a dry run neither builds nor checks it."""
+    if dry_run and topo.model.builtin == "tiny-llama":
+        from pdfabric.testing.tinymodel import default_cache_root, recipe_digest
+
+        return default_cache_root() / f"tiny-llama-{recipe_digest()}"
+    if dry_run:
+        return Path(topo.resolve_path(topo.model.path))
+    from pdfabric.launch.preflight import resolve_model
+
+    return resolve_model(topo)
+
+
+def _run(topo: Any, plan: list[Any], args: argparse.Namespace, key: bytes, console: Any) -> int:
+    from pdfabric.launch.checks import endpoints_table, post_start_checks
+    from pdfabric.launch.runner import LaunchFailed, Runner
+
+    runner = Runner(plan, args.log_dir, console)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        runner.start(args.timeout)
+        post_start_checks(topo, key, console)
+        console.print(endpoints_table(topo, args.log_dir))
+        if args.demo:
+            from pdfabric.launch.demo import run_demo
+
+            run_demo(topo, key, console)
+        if not args.demo or args.serve:
+            console.print("serving; Ctrl-C stops every process")
+            while runner.alive() and len(runner.alive()) == len(runner.procs):
+                time.sleep(1.0)
+            dead = [p.spec.name for p in runner.procs if p.popen is not None and p.popen.poll() is not None]
+            console.print(f"[red]stopped:[/] {', '.join(dead)} exited; see {args.log_dir}")
+            return 1
+        return 0
+    except LaunchFailed as e:
+        console.print(f"[red]launch failed:[/] {e.name} {e.why}\n--- last lines of its log ---\n{e.tail}", highlight=False)
+        return 1
+    except RuntimeError as e:
+        console.print(f"[red]check failed:[/] {e}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print("stopping")
+        return 0
+    finally:
+        runner.stop()
+        signal.signal(signal.SIGTERM, previous)
+        left = runner.alive()
+        if left:  # never expected: stop() waits for every process
+            console.print(f"[red]still running:[/] {[p.popen.pid for p in left if p.popen]}")
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run(argparse.Namespace()))

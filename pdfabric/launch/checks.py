@@ -1,0 +1,62 @@
+"""Checks once a launch is up, and the endpoint table.
+
+- layout fingerprints: every engine's connector reports the same fingerprint (apart from
+  its TP rank);
+- every prefill -> decode link moves a real prompt's KV (about 3 MiB for the tiny model)
+  from one engine to the other, checked on both engines' connectors; the push's GB/s is
+  printed. A link that fails stops the launch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pdfabric.config.models import Topology
+from pdfabric.connector.control import query_status
+
+__all__ = ["post_start_checks", "endpoints_table"]
+
+
+def _status(inst: Any, key: bytes) -> Any:
+    return query_status(f"{inst.host}:{inst.control_port}", key)
+
+
+def post_start_checks(topo: Topology, key: bytes, console: Console, probe_tokens: int = 1500) -> None:
+    with_ctl = [i for i in topo.instances if i.control_port is not None]
+    prints = {i.name: {k: v for k, v in _status(i, key).fingerprint.items() if k != "tp_rank"} for i in with_ctl}
+    if len({tuple(sorted(p.items())) for p in prints.values()}) > 1:
+        raise RuntimeError(f"layout fingerprints differ between engines: {prints}")
+    from pdfabric.testing.fabric import make_prompt
+    from pdfabric.testing.pairing import pair_completion
+
+    limit = (topo.model.max_model_len or 4096) - 8
+    prompt = make_prompt(min(probe_tokens, limit), seed=1, vocab=1000)
+    for p in (i for i in topo.instances if i.can_prefill and i.control_port is not None):
+        for d in (i for i in topo.instances if i.can_decode and i is not p):
+            before = _status(d, key).counters.get("recomputes", 0) if d.control_port else 0
+            r = pair_completion(f"http://{p.host}:{p.port}", f"http://{d.host}:{d.port}", f"{p.host}:{p.control_port}",
+                                {"model": topo.model.display_name, "prompt": prompt, "max_tokens": 1}, timeout=120)
+            pushed = next((x for x in _status(p, key).pushed if x[0] == r.transfer_id), None)
+            failed = d.control_port is not None and _status(d, key).counters.get("recomputes", 0) != before
+            if pushed is None or failed:
+                raise RuntimeError(f"link {p.name} -> {d.name}: the probe transfer did not land (see the engine logs)")
+            _, nbytes, secs = pushed
+            kind = topo.transport_for(p.name, d.name).kind
+            console.print(f"link {p.name} -> {d.name} ({kind}): {nbytes / 2**20:.1f} MiB pushed in "
+                          f"{secs * 1000:.1f} ms = {nbytes / max(secs, 1e-9) / 1e9:.2f} GB/s", highlight=False)
+
+
+def endpoints_table(topo: Topology, log_dir: Path) -> Table:
+    t = Table(title=f"{topo.name}: endpoints")
+    for col in ("name", "role", "OpenAI endpoint", "control", "log"):
+        t.add_column(col)
+    px = topo.proxy
+    t.add_row("proxy", "router", f"http://{px.host}:{px.port}/v1", "-", str(log_dir / "proxy.log"))
+    for i in topo.instances:
+        ctl = f"{i.host}:{i.control_port}" if i.control_port else "-"
+        t.add_row(i.name, i.role, f"http://{i.host}:{i.port}/v1", ctl, str(log_dir / f"{i.name}.log"))
+    return t

@@ -1,0 +1,129 @@
+"""The launch demo client: a long shared document, different questions, through the proxy.
+
+For each question it streams the answer and prints the TTFT and its split, read from the
+engines' connector status for that request's transfer id (``x-pdfabric-transfer-id``):
+
+- ``kv wait``: decode engine, from its grant to the last KV byte landing (covers the
+  prefill compute that ran concurrently, and the push);
+- ``push``: prefill engine, from its first layer write to the last acknowledgement, and
+  the GB/s of that push;
+- ``first token``: TTFT minus the KV wait (scheduling and the decode step).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pdfabric.config.models import Topology
+from pdfabric.connector.control import query_status
+
+__all__ = ["run_demo", "DemoRow", "document"]
+
+QUESTIONS = [
+    "What does the prefill engine send to the decode engine?",
+    "Which transport is used for this deployment?",
+    "How are the blocks reserved on the decode side?",
+    "What happens when a transfer times out?",
+    "Who decides which engines serve a request?",
+]
+
+
+def document(words: int = 900, seed: int = 7) -> str:
+    rng = random.Random(seed)
+    vocab = ["cache", "block", "layer", "prefill", "decode", "token", "engine", "transfer", "grant", "push",
+             "memory", "stream", "proxy", "request", "prompt", "answer", "model", "lease", "host", "socket"]
+    sentences = []
+    while sum(len(s.split()) for s in sentences) < words:
+        sentences.append(" ".join(rng.choice(vocab) for _ in range(rng.randint(6, 14))).capitalize() + ".")
+    return "Document:\n" + " ".join(sentences)
+
+
+@dataclass
+class DemoRow:
+    question: str
+    answer: str
+    ttft_s: float
+    total_s: float
+    transfer_id: str
+    kv_wait_s: float | None = None
+    push_s: float | None = None
+    push_bytes: int | None = None
+
+
+def _stream(host: str, port: int, body: dict[str, Any], api_key: str | None) -> tuple[str, float, float, dict[str, str]]:
+    conn = http.client.HTTPConnection(host, port, timeout=300)
+    headers = {"content-type": "application/json"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), headers)
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"proxy answered HTTP {resp.status}: {resp.read()[:300].decode(errors='replace')}")
+    text, ttft = [], 0.0
+    for raw in resp:
+        line = raw.strip()
+        if not line.startswith(b"data:") or line == b"data: [DONE]":
+            continue
+        if not ttft:
+            ttft = time.perf_counter() - t0
+        text.append(json.loads(line[5:])["choices"][0].get("text", ""))
+    total = time.perf_counter() - t0
+    hdrs = {k.lower(): v for k, v in resp.getheaders()}
+    conn.close()
+    return "".join(text), ttft, total, hdrs
+
+
+def _lookup(topo: Topology, name: str | None, secret: bytes, tid: str, field_name: str) -> tuple[int, float] | None:
+    inst = next((i for i in topo.instances if i.name == name), None)
+    if inst is None or inst.control_port is None:
+        return None
+    st = query_status(f"{inst.host}:{inst.control_port}", secret)
+    for t, nbytes, secs in getattr(st, field_name):
+        if t == tid:
+            return nbytes, secs
+    return None
+
+
+def run_demo(topo: Topology, secret: bytes, console: Console, questions: int = 5, max_tokens: int = 24) -> list[DemoRow]:
+    host, port = topo.proxy.host, topo.proxy.port
+    doc = document()
+    rows = []
+    for q in QUESTIONS[:questions]:
+        body = {"model": topo.model.display_name, "prompt": f"{doc}\nQuestion: {q}\nAnswer:",
+                "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        text, ttft, total, hdrs = _stream(host, port, body, None)
+        row = DemoRow(q, text.strip(), ttft, total, hdrs.get("x-pdfabric-transfer-id", ""))
+        time.sleep(0.2)  # let the engines' connectors record the transfer
+        got = _lookup(topo, hdrs.get("x-pdfabric-decode"), secret, row.transfer_id, "recent")
+        if got:
+            row.kv_wait_s = got[1]
+        got = _lookup(topo, hdrs.get("x-pdfabric-prefill"), secret, row.transfer_id, "pushed")
+        if got:
+            row.push_bytes, row.push_s = got
+        rows.append(row)
+    console.print(_table(rows))
+    return rows
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.1f}"
+
+
+def _table(rows: list[DemoRow]) -> Table:
+    t = Table(title="pdfabric demo: one document, different questions (through the proxy)")
+    for col in ("question", "answer", "TTFT ms", "kv wait ms", "push ms", "push GB/s", "first token ms", "total ms"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        gbps = "-" if not r.push_s or not r.push_bytes else f"{r.push_bytes / r.push_s / 1e9:.2f}"
+        first = None if r.kv_wait_s is None else max(0.0, r.ttft_s - r.kv_wait_s)
+        t.add_row(r.question, r.answer[:60], _ms(r.ttft_s), _ms(r.kv_wait_s), _ms(r.push_s), gbps, _ms(first), _ms(r.total_s))
+    return t

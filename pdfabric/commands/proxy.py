@@ -72,7 +72,11 @@ def settings_and_registry(args: argparse.Namespace) -> tuple[Any, Any]:
         base["api_keys"] = _keys(os.environ.get(args.api_key_env, ""))
         if not base["api_keys"]:
             raise ConfigError(f"--api-key-env {args.api_key_env}: the variable is unset or empty")
-    return ProxySettings(**base), Registry(instances)
+    try:
+        registry = Registry(instances)
+    except ValueError as e:  # a flag's prefill-N / decode-N also named in the topology
+        raise ConfigError(f"{e}: --prefill/--decode instances are named prefill-N/decode-N") from None
+    return ProxySettings(**base), registry
 
 
 def _keys(text: str) -> tuple[str, ...]:

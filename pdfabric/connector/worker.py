@@ -94,6 +94,8 @@ class FabricWorker:
         self._granted_blocks: dict[str, list[int]] = {}
         self._grants_sent: dict[str, tuple[Grant, int]] = {}  # grant, times repeated
         self._recent: deque[tuple[str, int, float]] = deque(maxlen=256)
+        self._pushed: deque[tuple[str, int, float]] = deque(maxlen=256)
+        self._push_clock: dict[str, list[float]] = {}  # tid -> [first write time, bytes]
         self._fingerprint: dict[str, str | int] = {}
         self._consumers: ProducerLinks | None = None  # producer's view of its consumers
         self._producers: ConsumerLinks | None = None  # consumer's view of its producers
@@ -207,6 +209,18 @@ class FabricWorker:
                 del self._pushes[key]
                 err = None if h.status is XStatus.DONE else str(h.error or h.status.value)
                 self._do(self.ptable.push_result(key[0], key[1], err))
+                self._time_push(key[0], h, err is None)
+
+    def _time_push(self, tid: str, h: TransferHandle, ok: bool) -> None:
+        clock = self._push_clock.setdefault(tid, [h.started, 0.0])
+        clock[0] = min(clock[0], h.started)
+        clock[1] += h.nbytes if ok else 0
+        assert self.ptable is not None
+        s = self.ptable.get(tid)
+        if (s is None or len(s.landed) >= self.ptable.num_layers) and h.finished_at is not None:
+            del self._push_clock[tid]
+            if ok:
+                self._pushed.append((tid, int(clock[1]), round(h.finished_at - clock[0], 6)))
 
     def _poll_recvs(self) -> None:
         assert self.ctable is not None and self.transport is not None
@@ -407,7 +421,8 @@ class FabricWorker:
         if self.transport is not None:
             counters["transport_rejections"] = len(self.transport.rejections)
         role = "both" if self.producer and self.consumer else "producer" if self.producer else "consumer"
-        return StatusReply(role, self.engine, dict(counters), open_, self._fingerprint, list(self._recent))
+        return StatusReply(role, self.engine, dict(counters), open_, self._fingerprint, list(self._recent),
+                           list(self._pushed))
 
     # -- shutdown ----------------------------------------------------------------------
     def close(self) -> None:

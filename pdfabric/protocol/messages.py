@@ -133,6 +133,8 @@ class StatusReply(_Msg):
     fingerprint: dict[str, str | int] = {}
     # the latest received transfers: [transfer_id, bytes, seconds from grant to last byte]
     recent: list[tuple[str, int, float]] = []
+    # the latest pushed transfers: [transfer_id, bytes, seconds from first write to last ack]
+    pushed: list[tuple[str, int, float]] = []
 
 
 class Done(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):

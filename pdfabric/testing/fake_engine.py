@@ -1,0 +1,291 @@
+"""A fake vLLM OpenAI server, for proxy tests and the proxy benchmark (no model, no GPU).
+
+Serves ``/v1/completions`` and ``/v1/chat/completions`` (JSON shaped like vLLM's, or SSE:
+one ``data: {...}`` chunk per output token, then ``data: [DONE]``), ``/health`` and
+``/v1/models``. It records every completion request it receives (``requests``: path, body
+with ``kv_transfer_params``, arrival time, and whether the client hung up before the answer
+was complete: ``cancelled``). Asked to produce (``{"pdfabric": "produce", "transfer_id":
+T}``), a prefill-capable fake answers like pdfabric's connector: ``{"pdfabric": "consume",
+"transfer_id": T, "producer": <control>, "num_tokens": N}``.
+
+Faults (``engine.faults``, settable while it runs; for a child process ``POST
+/fake/faults`` with the same field names): ``fail_status`` (answer with that HTTP status),
+``hang`` (never answer until the client hangs up), ``cut_after`` (close the connection
+after that many stream chunks; 0: before any answer), ``unhealthy`` (``/health`` 503),
+``first_token_delay_s`` (wait before the first token, or
+before failing). ``GET /fake/requests`` lists what a
+child process received.
+
+In-process: ``port = await FakeEngine("p0", "prefill").start()`` on the running loop, then
+``await engine.stop()``. As a child process::
+
+    python -m pdfabric.testing.fake_engine --port 8100 --role prefill --delay-ms 5 --tokens 16
+
+prints ``fake engine NAME (ROLE) on http://HOST:PORT`` once it listens; SIGTERM stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from aiohttp import web
+
+__all__ = ["FakeEngine", "Faults", "Received", "main"]
+
+Role = Literal["prefill", "decode", "both"]
+
+
+@dataclass
+class Received:
+    """One completion request as the fake saw it."""
+
+    path: str
+    body: dict[str, Any]
+    at: float  # time.monotonic() on arrival
+    cancelled: bool = False  # the client hung up before the answer was complete
+    finished: bool = False  # the answer was written completely
+    cut: bool = False  # the fake closed the connection itself (fault cut_after)
+
+    @property
+    def kv(self) -> Any:
+        return self.body.get("kv_transfer_params")
+
+
+@dataclass
+class Faults:
+    fail_status: int | None = None
+    hang: bool = False
+    cut_after: int | None = None
+    unhealthy: bool = False
+    first_token_delay_s: float = 0.0
+
+
+class FakeEngine:
+    def __init__(self, name: str = "fake", role: Role = "both", *, host: str = "127.0.0.1", port: int = 0,
+                 tokens: int = 8, delay_ms: float = 0.0, model: str = "fake-model", control: str | None = None) -> None:
+        self.name, self.role, self.host, self.port = name, role, host, port
+        self.tokens, self.delay_s, self.model = tokens, delay_ms / 1000.0, model
+        self._control = control
+        self.faults = Faults()
+        self.requests: list[Received] = []
+        self.health_checks = 0
+        self._runner: web.AppRunner | None = None
+        self._n = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def control(self) -> str:
+        """The "connector control address" it reports as producer (default: its own host:port)."""
+        return self._control or f"{self.host}:{self.port}"
+
+    async def start(self) -> int:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/fake/faults", self._set_faults)
+        app.router.add_get("/fake/requests", self._list_requests)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.2)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
+        self.port = int(self._runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- what it saw ---------------------------------------------------------------
+    def seen(self, path: str | None = None) -> list[Received]:
+        return [r for r in list(self.requests) if path is None or r.path == path]
+
+    @property
+    def cancelled(self) -> list[Received]:
+        return [r for r in list(self.requests) if r.cancelled]
+
+    # -- endpoints -----------------------------------------------------------------
+    async def _health(self, _: web.Request) -> web.Response:
+        self.health_checks += 1
+        return web.json_response({}, status=503 if self.faults.unhealthy else 200)
+
+    async def _models(self, _: web.Request) -> web.Response:
+        card = {"id": self.model, "object": "model", "created": int(time.time()), "owned_by": "vllm",
+                "root": self.model, "parent": None, "max_model_len": 4096, "permission": []}
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def _set_faults(self, request: web.Request) -> web.Response:
+        try:
+            self.faults = dataclasses.replace(self.faults, **await request.json())
+        except (TypeError, ValueError) as e:
+            return _error(400, f"expected an object of {[f.name for f in dataclasses.fields(Faults)]}: {e}")
+        return web.json_response(dataclasses.asdict(self.faults))
+
+    async def _list_requests(self, _: web.Request) -> web.Response:
+        return web.json_response([dataclasses.asdict(r) for r in self.requests])
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, chat=False)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, chat=True)
+
+    async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return _error(400, "body is not JSON")
+        if not isinstance(body, dict):
+            return _error(400, "body is not a JSON object")
+        rec = Received(request.path, body, time.monotonic())
+        self.requests.append(rec)
+        try:
+            return await self._answer(request, rec, chat)
+        except (asyncio.CancelledError, ConnectionError):
+            rec.cancelled = not rec.cut  # the client (the proxy's leg) hung up
+            raise
+
+    async def _answer(self, request: web.Request, rec: Received, chat: bool) -> web.StreamResponse:
+        f, body = self.faults, rec.body
+        if f.hang:
+            await asyncio.get_running_loop().create_future()  # until cancelled
+        if f.first_token_delay_s:
+            await asyncio.sleep(f.first_token_delay_s)
+        if f.fail_status is not None:
+            rec.finished = True
+            return _error(f.fail_status, f"fake engine {self.name}: injected failure")
+        limit = body.get("max_completion_tokens") if chat else None
+        limit = limit or body.get("max_tokens")
+        n = max(1, min(limit if isinstance(limit, int) else self.tokens, self.tokens))
+        self._n += 1
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{self.name}-{self._n}"
+        usage = {"prompt_tokens": _prompt_tokens(body, chat), "completion_tokens": n}
+        usage["total_tokens"] = usage["prompt_tokens"] + n
+        kv = self._kv_answer(body, usage["prompt_tokens"])
+        head = {"id": rid, "created": int(time.time()), "model": body.get("model", self.model)}
+        headers = {"X-Fake-Engine": self.name}
+        if f.cut_after == 0:
+            return _cut(request, rec, web.Response())
+        if body.get("stream"):
+            return await self._stream(request, rec, chat, head, n, usage, headers)
+        await asyncio.sleep(self.delay_s * n)
+        text = "".join(_token(i) for i in range(n))
+        if chat:
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []},
+                                      "logprobs": None, "finish_reason": "length", "stop_reason": None}
+            out = {**head, "object": "chat.completion", "choices": [choice], "usage": usage, "prompt_logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None,
+                      "prompt_logprobs": None}
+            out = {**head, "object": "text_completion", "choices": [choice], "usage": usage}
+        rec.finished = True
+        return web.json_response({**out, "kv_transfer_params": kv}, headers=headers)
+
+    async def _stream(self, request: web.Request, rec: Received, chat: bool, head: dict[str, Any], n: int,
+                      usage: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        for i in range(n):
+            await asyncio.sleep(self.delay_s)
+            if self.faults.cut_after is not None and i >= self.faults.cut_after:
+                return _cut(request, rec, resp)
+            fin = "length" if i == n - 1 else None
+            if chat:
+                delta = {"role": "assistant", "content": _token(i)} if i == 0 else {"content": _token(i)}
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": fin}
+            else:
+                choice = {"index": 0, "text": _token(i), "logprobs": None, "finish_reason": fin, "stop_reason": None}
+            await resp.write(_sse({**head, "object": obj, "choices": [choice]}))
+        opts = rec.body.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage"):
+            await resp.write(_sse({**head, "object": obj, "choices": [], "usage": usage}))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        rec.finished = True
+        return resp
+
+    def _kv_answer(self, body: dict[str, Any], prompt_tokens: int) -> dict[str, Any] | None:
+        kv = body.get("kv_transfer_params")
+        if self.role == "decode" or not isinstance(kv, dict) or kv.get("pdfabric") != "produce":
+            return None
+        return {"pdfabric": "consume", "transfer_id": kv.get("transfer_id"), "producer": self.control,
+                "num_tokens": prompt_tokens}
+
+
+def _token(i: int) -> str:
+    return f" tok{i}"
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _cut(request: web.Request, rec: Received, resp: web.StreamResponse) -> web.StreamResponse:
+    rec.cut = True
+    if request.transport is not None:
+        request.transport.abort()
+    return resp
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"object": "error", "message": message, "type": "BadRequestError" if status < 500
+                              else "InternalServerError", "param": None, "code": status}, status=status)
+
+
+def _prompt_tokens(body: dict[str, Any], chat: bool) -> int:
+    if chat:
+        msgs = body.get("messages")
+        text = "".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict)) if isinstance(msgs, list) else ""
+        return max(1, len(text) // 4)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return max(1, len(prompt))
+    return max(1, len(str(prompt)) // 4)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pdfabric.testing.fake_engine", description=__doc__.split("\n")[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    ap.add_argument("--role", choices=["prefill", "decode", "both"], default="both")
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--delay-ms", type=float, default=0.0, help="time per output token")
+    ap.add_argument("--first-token-ms", type=float, default=0.0, help="extra wait before the first token")
+    ap.add_argument("--tokens", type=int, default=8, help="output tokens (at most; max_tokens caps it)")
+    ap.add_argument("--model", default="fake-model")
+    ap.add_argument("--control", default=None, help="producer address to report (default: host:port)")
+    args = ap.parse_args(argv)
+    import uvloop
+
+    return uvloop.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    eng = FakeEngine(args.name or f"fake-{args.role}", args.role, host=args.host, port=args.port,
+                     tokens=args.tokens, delay_ms=args.delay_ms, model=args.model, control=args.control)
+    eng.faults.first_token_delay_s = args.first_token_ms / 1000.0
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    port = await eng.start()
+    print(f"fake engine {eng.name} ({eng.role}) on http://{args.host}:{port}", flush=True)
+    await stop.wait()
+    await eng.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

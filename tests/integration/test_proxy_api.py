@@ -1,0 +1,293 @@
+"""The proxy's edges: bad client input, API keys, the admin API, and ``pdfabric proxy`` /
+the fake engine as real child processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from proxy_harness import LONG_PROMPT, BackgroundLoop, Stack, assert_openai_error, free_port, only, wait_until
+
+from pdfabric.testing.fake_engine import FakeEngine
+
+MakeStack = Callable[..., Stack]
+
+MSGS = [{"role": "user", "content": "hi"}]
+BAD_BODIES: list[tuple[str, str, bytes, str]] = [
+    ("malformed-json", "/v1/completions", b'{"model": "m", "prompt": ', "not valid JSON"),
+    ("not-utf8", "/v1/completions", b'{"model": "\xff\xfe"}', "not valid JSON"),
+    ("empty", "/v1/completions", b"", "not valid JSON"),
+    ("array", "/v1/completions", b'[{"model": "m", "prompt": "x"}]', "expected a JSON object"),
+    ("string", "/v1/chat/completions", b'"hello"', "expected a JSON object"),
+    ("no-model", "/v1/completions", json.dumps({"prompt": "x"}).encode(), "'model'"),
+    ("model-not-str", "/v1/completions", json.dumps({"model": 3, "prompt": "x"}).encode(), "'model'"),
+    ("stream-yes", "/v1/completions", json.dumps({"model": "m", "prompt": "x", "stream": "yes"}).encode(), "'stream'"),
+    ("max-tokens-neg", "/v1/completions", json.dumps({"model": "m", "prompt": "x", "max_tokens": -1}).encode(),
+     "'max_tokens'"),
+    ("max-tokens-str", "/v1/chat/completions", json.dumps({"model": "m", "messages": MSGS, "max_tokens": "5"}).encode(),
+     "'max_tokens'"),
+    ("max-tokens-bool", "/v1/completions", json.dumps({"model": "m", "prompt": "x", "max_tokens": True}).encode(),
+     "'max_tokens'"),
+    ("no-prompt", "/v1/completions", json.dumps({"model": "m"}).encode(), "'prompt'"),
+    ("no-messages", "/v1/chat/completions", json.dumps({"model": "m", "prompt": "x"}).encode(), "'messages'"),
+    ("client-kv-params", "/v1/completions", json.dumps({"model": "m", "prompt": "x", "kv_transfer_params": {
+        "pdfabric": "consume", "transfer_id": "t", "producer": "10.0.0.1:1"}}).encode(), "kv_transfer_params"),
+]
+
+
+# -- bad input -------------------------------------------------------------------------------
+@pytest.mark.parametrize("path,raw,needle", [b[1:] for b in BAD_BODIES], ids=[b[0] for b in BAD_BODIES])
+def test_bad_input_is_refused_and_nothing_is_forwarded(make_stack: MakeStack, path: str, raw: bytes,
+                                                       needle: str) -> None:
+    s = make_stack(prefills=1)
+    r = s.client.post(path, content=raw, headers={"content-type": "application/json"})
+    err = assert_openai_error(r, 400)
+    assert needle in err["message"] and err["type"] == "invalid_request_error"
+    assert all(e.requests == [] for e in s.engines)
+    assert s.complete(LONG_PROMPT).status_code == 200  # still serving
+    assert s.metrics()['pdfabric_proxy_errors_total{code="400"}'] == 1
+
+
+def test_oversized_body_is_413(make_stack: MakeStack) -> None:
+    s = make_stack(prefills=1, max_body=4096)
+    err = assert_openai_error(s.complete("x" * 10_000), 413)
+    assert "4096" in err["message"]
+    assert all(e.requests == [] for e in s.engines)
+    assert s.complete("x" * 1000).status_code == 200
+
+
+def test_unknown_path_and_wrong_method_are_openai_errors(make_stack: MakeStack) -> None:
+    s = make_stack(prefills=1)
+    assert_openai_error(s.client.post("/v1/embeddings", json={"model": "m"}), 404)
+    assert_openai_error(s.client.get("/v1/completions"), 405)
+    assert all(e.requests == [] for e in s.engines)
+
+
+# -- API keys ----------------------------------------------------------------------------------
+def test_api_keys(make_stack: MakeStack) -> None:
+    s = make_stack(prefills=1, api_keys=("key-one", "key-two"))
+    body = {"model": "m", "prompt": "x"}
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-one"},
+                    {"Authorization": "Basic a2V5LW9uZQ=="}, {"Authorization": "Bearer key-on"},
+                    {"Authorization": "Bearer key-one,key-two"}):
+        err = assert_openai_error(s.client.post("/v1/completions", json=body, headers=headers), 401)
+        assert err["type"] == "authentication_error"
+    assert_openai_error(s.client.get("/admin/instances"), 401)
+    assert_openai_error(s.client.get("/v1/models"), 401)
+    assert all(e.requests == [] for e in s.engines)
+    for key in ("key-one", "key-two"):
+        r = s.client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200
+    assert s.client.get("/health").status_code == 200  # probes need no key
+    assert s.client.get("/metrics").status_code == 200
+
+
+# -- admin API -----------------------------------------------------------------------------------
+def test_admin_list_add_drain_remove(make_stack: MakeStack, bg: BackgroundLoop) -> None:
+    s = make_stack(prefills=1, decodes=1)
+    listed = s.client.get("/admin/instances").json()["instances"]
+    assert [(i["name"], i["role"], i["url"], i["healthy"]) for i in listed] == [
+        ("p0", "prefill", s.prefills[0].url, True), ("d0", "decode", s.decodes[0].url, True)]
+    assert listed[0]["control"] == s.prefills[0].control
+
+    d1 = FakeEngine("d1", "decode")
+    bg.run(d1.start())
+    s.decodes.append(d1)  # stopped with the stack
+    r = s.client.post("/admin/instances", json={"name": "d1", "role": "decode", "url": d1.url + "/"})
+    assert r.status_code == 201 and r.json()["url"] == d1.url
+    assert_openai_error(s.client.post("/admin/instances", json={"name": "d1", "role": "decode", "url": d1.url}), 409)
+    assert_openai_error(s.client.post("/admin/instances", json={"name": "x", "role": "prefill", "url": d1.url}), 400)
+    assert_openai_error(s.client.post("/admin/instances", json={"name": "x", "role": "boss", "url": d1.url}), 400)
+    assert_openai_error(s.client.post("/admin/instances", content=b"[]"), 400)
+    for _ in range(4):
+        assert s.complete().status_code == 200
+    assert len(s.decodes[0].requests) == 2 and len(d1.requests) == 2  # round robin over both
+
+    r = s.client.post("/admin/instances/d0/drain")
+    assert r.status_code == 200 and r.json()["draining"] is True
+    for _ in range(3):
+        assert s.complete().status_code == 200
+    assert len(s.decodes[0].requests) == 2 and len(d1.requests) == 5
+    assert s.metrics()['pdfabric_proxy_instance_up{instance="d0",role="decode"}'] == 0
+
+    r = s.client.delete("/admin/instances/d1")
+    assert r.status_code == 200 and r.json()["name"] == "d1"
+    assert [i["name"] for i in s.client.get("/admin/instances").json()["instances"]] == ["p0", "d0"]
+    assert_openai_error(s.complete(), 503)  # d0 drained, d1 gone
+    assert len(d1.requests) == 5
+
+
+def test_admin_unknown_instance_is_404_naming_the_known_ones(make_stack: MakeStack) -> None:
+    s = make_stack(prefills=1)
+    for r in (s.client.post("/admin/instances/d9/drain"), s.client.delete("/admin/instances/d9")):
+        err = assert_openai_error(r, 404)
+        assert err["code"] == "unknown_instance"
+        assert "'d9'" in err["message"] and "p0" in err["message"] and "d0" in err["message"]
+
+
+# -- child processes ----------------------------------------------------------------------------
+def _spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def _first_line(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    got: list[str] = []
+    t = threading.Thread(target=lambda: got.append(proc.stdout.readline() if proc.stdout else ""), daemon=True)
+    t.start()
+    t.join(timeout)
+    if not got or not got[0]:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        raise AssertionError(f"no start-up line from {proc.args}: rc={proc.returncode} stderr={err[-2000:]}")
+    return got[0].strip()
+
+
+def _sigterm(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, err
+
+
+def _fakes(bg: BackgroundLoop) -> tuple[FakeEngine, FakeEngine]:
+    p, d = FakeEngine("p0", "prefill"), FakeEngine("d0", "decode")
+
+    async def up() -> None:
+        await p.start()
+        await d.start()
+
+    bg.run(up())
+    return p, d
+
+
+def _stop(bg: BackgroundLoop, *engines: FakeEngine) -> None:
+    async def down() -> None:
+        for e in engines:
+            await e.stop()
+
+    bg.run(down())
+
+
+def test_cli_proxy_from_flags(bg: BackgroundLoop) -> None:
+    p, d = _fakes(bg)
+    proc = _spawn("-m", "pdfabric.cli", "proxy", "--prefill", f"{p.url}@{p.control}", "--decode", d.url,
+                  "--port", "0", "--model", "served-name")
+    try:
+        line = _first_line(proc)
+        assert line.startswith("pdfabric proxy on http://127.0.0.1:"), line
+        url = line.split()[3]
+        with httpx.Client(base_url=url, timeout=10) as c:
+            assert c.get("/health").json() == {"status": "ok"}
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["served-name"]
+            assert c.post("/v1/completions", json={"model": "m", "prompt": "x"}).status_code == 200
+        wait_until(lambda: p.requests, what="prefill leg")
+        assert only(d.requests).kv == {"pdfabric": "consume", "transfer_id": only(p.requests).kv["transfer_id"],
+                                       "producer": p.control}
+        rc, err = _sigterm(proc)
+        assert rc == 0, err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        _stop(bg, p, d)
+
+
+def test_cli_proxy_from_a_topology_file(bg: BackgroundLoop, tmp_path: Path) -> None:
+    p, d = _fakes(bg)
+    port, control = free_port(), free_port()
+    topo = tmp_path / "topo.yaml"
+    topo.write_text(f"""\
+name: proxy-test
+model:
+  builtin: tiny-llama
+instances:
+  - name: prefill-0
+    role: prefill
+    port: {p.port}
+    control_port: {control}
+  - name: decode-0
+    role: decode
+    port: {d.port}
+proxy:
+  port: {port}
+  policy: least_loaded
+  pairing: sequential
+  api_keys: {{env: PDFABRIC_TEST_PROXY_KEYS}}
+""")
+    proc = _spawn("-m", "pdfabric.cli", "proxy", "--topology", str(topo), env={"PDFABRIC_TEST_PROXY_KEYS": "k1,k2"})
+    try:
+        line = _first_line(proc)
+        assert f"http://127.0.0.1:{port}" in line and "least_loaded" in line and "sequential" in line, line
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            assert c.get("/health").status_code == 200
+            assert c.post("/v1/completions", json={"model": "m", "prompt": "x"}).status_code == 401
+            auth = {"Authorization": "Bearer k2"}
+            assert [m["id"] for m in c.get("/v1/models", headers=auth).json()["data"]] == ["tiny-llama"]
+            r = c.post("/v1/completions", json={"model": "tiny-llama", "prompt": "x"}, headers=auth)
+            assert r.status_code == 200
+        # sequential: the prefill answer (whose producer is the fake's own address) goes to decode as is
+        assert only(d.requests).kv == only(p.requests).body["kv_transfer_params"] | {
+            "pdfabric": "consume", "producer": p.control, "num_tokens": 1}
+        rc, err = _sigterm(proc)
+        assert rc == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        _stop(bg, p, d)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prefill", "notaurl", "--decode", "http://127.0.0.1:1"], "--prefill expects URL@CONTROL"),
+    (["--prefill", "http://127.0.0.1:1@127.0.0.1:2"], "no decode instance"),
+    (["--decode", "127.0.0.1:8200"], "--decode expects an http://host:port URL"),
+    (["--topology", "/nonexistent/topo.yaml"], "no such file"),
+    (["--topology", "configs/cpu-1p1d-tcp.yaml", "--prefill", "http://127.0.0.1:1@127.0.0.1:2"],
+     "instance 'prefill-0' already exists"),
+], ids=["prefill-notaurl", "no-decode", "decode-no-scheme", "no-topology", "name-clash"])
+def test_cli_proxy_bad_flags_exit_2(args: list[str], needle: str) -> None:
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-m", "pdfabric.cli", "proxy", *args], capture_output=True, text=True,
+                       timeout=60, cwd=root, check=False)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fake_engine_as_a_child_process() -> None:
+    proc = _spawn("-m", "pdfabric.testing.fake_engine", "--port", "0", "--role", "prefill", "--tokens", "3",
+                  "--delay-ms", "1", "--control", "127.0.0.1:9999")
+    try:
+        line = _first_line(proc)
+        assert line.startswith("fake engine fake-prefill (prefill) on http://127.0.0.1:"), line
+        url = line.split()[-1]
+        with httpx.Client(base_url=url, timeout=10) as c:
+            kv: dict[str, Any] = {"pdfabric": "produce", "transfer_id": "t-1"}
+            body = c.post("/v1/completions", json={"model": "m", "prompt": "abcdefgh", "kv_transfer_params": kv}).json()
+            assert body["choices"][0]["text"] == " tok0 tok1 tok2"
+            assert body["kv_transfer_params"] == {"pdfabric": "consume", "transfer_id": "t-1",
+                                                  "producer": "127.0.0.1:9999", "num_tokens": 2}
+            assert c.post("/fake/faults", json={"unhealthy": True}).json()["unhealthy"] is True
+            assert c.get("/health").status_code == 503
+            (seen,) = c.get("/fake/requests").json()
+            assert seen["path"] == "/v1/completions" and seen["body"]["kv_transfer_params"] == kv and seen["finished"]
+        rc, err = _sigterm(proc)
+        assert rc == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

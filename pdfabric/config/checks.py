@@ -103,6 +103,10 @@ def check_roles(topo: Topology) -> list[Problem]:
         problems.append(("instances", "no instance can prefill; give one role prefill or both"))
     if not topo.decode_instances:
         problems.append(("instances", "no instance can decode; give one role decode or both"))
+    for i, inst in enumerate(topo.instances):
+        if inst.can_prefill and inst.control_port is None:
+            problems.append((f"instances[{i}].control_port",
+                             f"a {inst.role} instance needs a control_port: decode engines dial it for the KV"))
     return problems
 
 

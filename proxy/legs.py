@@ -67,8 +67,10 @@ class Upstream:
 
     async def start(self) -> None:
         conn = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+        # identity: bytes pass through untouched, and content-encoding is not forwarded
         self._session = aiohttp.ClientSession(connector=conn, timeout=self._timeout, auto_decompress=False,
-                                              skip_auto_headers=("User-Agent",))
+                                              skip_auto_headers=("User-Agent",),
+                                              headers={"Accept-Encoding": "identity"})
 
     async def close(self) -> None:
         if self._session is not None:

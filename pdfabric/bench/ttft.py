@@ -10,8 +10,8 @@ Setups (one at a time: start, measure, stop; never two at once):
   safetensors into a shared temporary directory, the decode engine reads it back. The
   directory is emptied before every pass (otherwise the prefill engine of a later round
   would *load* its own earlier output instead of computing);
-- ``nixl``: vLLM's ``NixlConnector`` (``kv_both``, ``kv_buffer_device: cpu``, UCX on
-  loopback), driven as vLLM's toy proxy does: prefill leg with ``do_remote_decode``,
+- ``nixl``: vLLM's ``NixlConnector`` (``kv_producer`` / ``kv_consumer``, ``kv_buffer_device:
+  cpu``, UCX on loopback), driven as vLLM's toy proxy does: prefill leg with ``do_remote_decode``,
   its response's ``kv_transfer_params`` to the decode leg;
 - ``single``: one engine on core 0, no disaggregation: the baseline.
 
@@ -348,7 +348,6 @@ class VllmPairSetup(PairSetup):
             if self.store is not None:
                 extra = {"shared_storage_path": str(self.store)}
             else:
-                role = "kv_both"
                 env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
                        "UCX_NET_DEVICES": "lo"}
             cfg = connector_config(role, extra, connector=connector)

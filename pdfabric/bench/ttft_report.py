@@ -169,6 +169,6 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
 
     def fmt(cells: list[str]) -> str:  # text columns left-aligned, numbers right-aligned
         return "  ".join(c.ljust(w) if i in (0, len(cells) - 1) else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     return "\n".join([fmt(head)] + [fmt(b) for b in body])

@@ -25,8 +25,17 @@ test: setup
 demo: setup
 	$(VENV)/bin/pdfabric launch configs/cpu-1p1d-tcp.yaml --demo --log-dir pdfabric-logs
 
-bench: setup
+BENCH_STAMP := $(VENV)/.pdfabric-bench-installed
+
+# peers measured side by side: NIXL for vLLM's NixlConnector (--no-deps: its wheels ask for
+# an unpinned torch, which would replace the CPU build)
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-deps nixl nixl-cu12 nixl-cu13
+	touch $(BENCH_STAMP)
+
+bench: setup $(BENCH_STAMP)
 	$(VENV)/bin/pdfabric bench transfer --rounds 5 --json bench-transfer.json --plot bench-transfer.png
+	$(PY) benchmarks/e2e_ttft.py --rounds 3 --json bench-ttft.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -199,6 +199,7 @@ class GrantTable:
         self._rejections: collections.deque[Rejection] = collections.deque(maxlen=_FINISHED_MEMORY)
         self.rejected_total = 0
         self._closed = False
+        self._changes = 0  # grants finished so far, for wait_change
 
     # -- owner API ---------------------------------------------------------------------
     def grant(self, tid: str, regions: Sequence[Region]) -> None:
@@ -276,6 +277,17 @@ class GrantTable:
             return RecvResult(g.tid, g.received, g.notify)
         assert g.error is not None
         raise g.error
+
+    @property
+    def changes(self) -> int:
+        """How many grants finished (any way) so far."""
+        return self._changes
+
+    def wait_change(self, seen: int, timeout: float) -> int:
+        """Block until a grant finishes after ``changes`` read ``seen``, or ``timeout``."""
+        with self._lock:
+            self._idle.wait_for(lambda: self._changes != seen, timeout)
+            return self._changes
 
     def progress(self, tid: str) -> tuple[int, int]:
         """(bytes received, bytes granted) of a live grant; (0, 0) when there is none."""
@@ -418,6 +430,8 @@ class GrantTable:
                 return
             g.status, g.error = status, error
             self._finished[tid] = status
+            self._changes += 1
+            self._idle.notify_all()
             while len(self._finished) > _FINISHED_MEMORY:
                 self._finished.popitem(last=False)
             if status is Status.ABORTED:
@@ -454,6 +468,12 @@ class GrantReceiver:
 
     def poll_recv(self, transfer_id: str) -> Status:
         return self._grants.poll(transfer_id)
+
+    def recv_changes(self) -> int:
+        return self._grants.changes
+
+    def wait_recv_change(self, seen: int, timeout: float) -> int:
+        return self._grants.wait_change(seen, timeout)
 
     def recv_progress(self, transfer_id: str) -> tuple[int, int]:
         return self._grants.progress(transfer_id)

@@ -201,6 +201,10 @@ class TransferHandle:
         self._event.set()
         return True
 
+    def wait_done(self, timeout: float) -> bool:
+        """Block until finished or ``timeout``; True when finished. Never raises."""
+        return self._event.wait(timeout)
+
     def wait(self, timeout: float | None) -> None:
         """Block until finished; raise the transfer's error, or TransferTimeout."""
         if not self._event.wait(timeout):
@@ -270,6 +274,16 @@ class Transport(ABC):
     @abstractmethod
     def poll_recv(self, transfer_id: str) -> Status:
         """State of a granted transfer without blocking."""
+
+    def recv_changes(self) -> int:
+        """A counter of finished receives (any outcome); see ``wait_recv_change``."""
+        return 0
+
+    def wait_recv_change(self, seen: int, timeout: float) -> int:
+        """Block until ``recv_changes()`` differs from ``seen`` or ``timeout`` passed; returns it.
+        Lets an idle receiver sleep instead of polling."""
+        time.sleep(timeout)
+        return seen
 
     @abstractmethod
     def recv_progress(self, transfer_id: str) -> tuple[int, int]:

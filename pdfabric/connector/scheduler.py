@@ -133,6 +133,7 @@ class FabricScheduler:
             for p in self._waiting.values():
                 self._meta.heartbeats.setdefault(p.producer, []).append(p.transfer_id)
         meta, self._meta = self._meta, StepMeta()
+        meta.idle = not any(num_scheduled.values())
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

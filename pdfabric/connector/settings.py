@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -75,6 +75,7 @@ class ConnectorSettings(BaseModel):
     grant_wait_s: Seconds = 30.0
     heartbeat_s: Seconds = 2.0
     status_window_s: Seconds = 60.0
+    idle_wait_s: Annotated[float, Field(ge=0, le=0.1)] = 0.005
     log_transfers: Literal["info", "debug"] = "debug"
     faults: Faults = Faults()
 
@@ -96,6 +97,7 @@ class Resolved:
     grant_wait_s: float
     heartbeat_s: float
     status_window_s: float
+    idle_wait_s: float
     log_transfers: str
     faults: Faults
 
@@ -139,6 +141,7 @@ def resolve_settings(extra: dict[str, Any] | None, *, needs_control_port: bool) 
         grant_wait_s=s.grant_wait_s,
         heartbeat_s=s.heartbeat_s,
         status_window_s=s.status_window_s,
+        idle_wait_s=s.idle_wait_s,
         log_transfers=s.log_transfers,
         faults=s.faults,
     )

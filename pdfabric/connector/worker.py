@@ -91,6 +91,9 @@ class FabricWorker:
         self._failed: set[str] = set()
         self._meta: StepMeta | None = None
         self._timers: list[threading.Timer] = []
+        self._idle = False
+        self._wake = threading.Event()  # set by the control thread when it changed something
+        self._recv_seen = 0
         self._granted_blocks: dict[str, list[int]] = {}
         self._grants_sent: dict[str, tuple[Grant, int]] = {}  # grant, times repeated
         self._recent: deque[tuple[str, int, float]] = deque(maxlen=256)
@@ -135,6 +138,7 @@ class FabricWorker:
     # -- engine thread -----------------------------------------------------------------
     def bind(self, meta: StepMeta | None) -> None:
         self._meta = meta
+        self._idle = meta is not None and meta.idle
 
     def _ingest(self) -> None:
         meta, self._meta = self._meta, None
@@ -181,8 +185,12 @@ class FabricWorker:
     def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
         """(finished sending, finished receiving, failed receiving) since the last call."""
         self._ingest()
+        if self._idle and not (self._sent or self._recvd or self._failed):
+            self._idle_wait()
         now = self._clock()
         with self._lock:
+            if self.transport is not None:
+                self._recv_seen = self.transport.recv_changes()
             if self.ptable is not None:
                 self._poll_pushes()
                 self._do(self.ptable.tick(now))
@@ -192,6 +200,26 @@ class FabricWorker:
             out = (self._sent, self._recvd, self._failed)
             self._sent, self._recvd, self._failed = set(), set(), set()
         return out
+
+    def _idle_wait(self) -> None:
+        """On a step where the engine computes nothing, vLLM calls us again at once: sleep
+        until a transfer moves (or ``idle_wait_s``) instead of spinning a core that the
+        other engine on this host needs for its prefill."""
+        t, limit = self.transport, self.settings.idle_wait_s
+        receiving = self.ctable is not None and bool(self.ctable.open_transfers())
+        if t is None or limit <= 0 or not (receiving or self._pushes or self.ptable and self.ptable.held_requests()):
+            return
+        deadline = time.monotonic() + limit
+        while (left := deadline - time.monotonic()) > 0:
+            slice_s = min(left, 0.001)
+            if receiving and t.wait_recv_change(self._recv_seen, slice_s) != self._recv_seen:
+                return
+            pushes = list(self._pushes.values())
+            if pushes and pushes[0].wait_done(slice_s if not receiving else 0):
+                return
+            if self._wake.wait(0 if receiving or pushes else slice_s):
+                self._wake.clear()
+                return
 
     def _tick(self) -> None:
         """Control thread, every 100 ms: lease and grant timers fire even on an idle engine."""
@@ -361,6 +389,7 @@ class FabricWorker:
 
     # -- control thread ------------------------------------------------------------------
     def _on_message(self, peer: str, msg: Message) -> list[Message]:
+        self._wake.set()
         now = self._clock()
         with self._lock:
             if isinstance(msg, Status):

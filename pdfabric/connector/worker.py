@@ -98,7 +98,7 @@ class FabricWorker:
         self._grants_sent: dict[str, tuple[Grant, int]] = {}  # grant, times repeated
         self._recent: deque[tuple[str, int, float]] = deque(maxlen=256)
         self._pushed: deque[tuple[str, int, float]] = deque(maxlen=256)
-        self._push_clock: dict[str, list[float]] = {}  # tid -> [first write time, bytes]
+        self._push_clock: dict[str, list[float]] = {}  # tid -> [seconds on the wire, bytes]
         self._fingerprint: dict[str, str | int] = {}
         self._consumers: ProducerLinks | None = None  # producer's view of its consumers
         self._producers: ConsumerLinks | None = None  # consumer's view of its producers
@@ -240,15 +240,17 @@ class FabricWorker:
                 self._time_push(key[0], h, err is None)
 
     def _time_push(self, tid: str, h: TransferHandle, ok: bool) -> None:
-        clock = self._push_clock.setdefault(tid, [h.started, 0.0])
-        clock[0] = min(clock[0], h.started)
+        """Record a transfer's wire time: the sum of its layer writes' write-to-ack times
+        (layers leave one by one as the forward computes them; the gaps are compute)."""
+        clock = self._push_clock.setdefault(tid, [0.0, 0.0])
+        clock[0] += h.seconds or 0.0
         clock[1] += h.nbytes if ok else 0
         assert self.ptable is not None
         s = self.ptable.get(tid)
         if (s is None or len(s.landed) >= self.ptable.num_layers) and h.finished_at is not None:
             del self._push_clock[tid]
             if ok:
-                self._pushed.append((tid, int(clock[1]), round(h.finished_at - clock[0], 6)))
+                self._pushed.append((tid, int(clock[1]), round(clock[0], 6)))
 
     def _poll_recvs(self) -> None:
         assert self.ctable is not None and self.transport is not None

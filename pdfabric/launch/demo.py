@@ -5,8 +5,8 @@ engines' connector status for that request's transfer id (``x-pdfabric-transfer-
 
 - ``kv wait``: decode engine, from its grant to the last KV byte landing (covers the
   prefill compute that ran concurrently, and the push);
-- ``push``: prefill engine, from its first layer write to the last acknowledgement, and
-  the GB/s of that push;
+- ``push``: prefill engine, the time its layer writes spent on the wire (write to
+  acknowledgement, summed over layers), and the GB/s of that push;
 - ``first token``: TTFT minus the KV wait (scheduling and the decode step).
 """
 

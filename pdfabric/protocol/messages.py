@@ -133,7 +133,7 @@ class StatusReply(_Msg):
     fingerprint: dict[str, str | int] = {}
     # the latest received transfers: [transfer_id, bytes, seconds from grant to last byte]
     recent: list[tuple[str, int, float]] = []
-    # the latest pushed transfers: [transfer_id, bytes, seconds from first write to last ack]
+    # the latest pushed transfers: [transfer_id, bytes, seconds on the wire (sum of layer writes)]
     pushed: list[tuple[str, int, float]] = []
 
 

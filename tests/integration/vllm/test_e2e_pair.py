@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
+import sys
 import time
 import uuid
+from typing import Iterator
 
 import pytest
 
-from pdfabric.testing.engines import Engine
-from pdfabric.testing.fabric import FabricPair, make_prompt
+from pdfabric.testing.engines import Engine, http_json
+from pdfabric.testing.fabric import FabricPair, free_port, make_prompt
 from pdfabric.testing.pairing import pair_completion
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -184,4 +187,50 @@ def test_malformed_params_run_without_transfer_and_say_why(pair: FabricPair, voc
     assert len(out["choices"][0]["token_ids"]) == 12
     log = pair.decode.log_path.read_text()
     assert "kv_transfer_params.transfer_id" in log and "runs without a KV transfer" in log
+    assert_idle(pair)
+
+
+@pytest.fixture()
+def proxy_url(pair: FabricPair) -> Iterator[str]:
+    """``pdfabric proxy`` (a real child process) in front of the pair."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "pdfabric.cli", "proxy", "--port", str(port), "--model", "tiny-llama",
+           "--prefill", f"{pair.prefill.url}@{pair.producer_addr}", "--decode", pair.decode.url]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                http_json(url + "/health", timeout=2)
+                break
+            except Exception:
+                assert proc.poll() is None and time.monotonic() < deadline, "the proxy did not come up"
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_through_the_proxy_with_the_openai_client(pair: FabricPair, proxy_url: str, vocab_size: int) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=proxy_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    ext0, recomputes0 = by_source(pair.decode, "external_kv_transfer"), _recomputes(pair)
+    prompts = [make_prompt(n, seed=900 + n, vocab=vocab_size) for n in (45, 300, 777)]
+    for p in prompts:
+        want = alone(pair.prefill, p)
+        text_want = pair.prefill.complete({"prompt": p, **greedy()})["choices"][0]["text"]
+        got = client.completions.create(model="tiny-llama", prompt=p, max_tokens=12, temperature=0,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert got.choices[0].text == text_want
+        assert getattr(got.choices[0], "token_ids", want) == want
+        chunks = client.completions.create(model="tiny-llama", prompt=p, max_tokens=12, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == text_want
+    # each prompt's first request moved all but its last token; the repeat found the full
+    # blocks in the decode engine's prefix cache and moved only the tail
+    assert by_source(pair.decode, "external_kv_transfer") - ext0 >= sum(len(p) - 1 for p in prompts)
+    assert _recomputes(pair) == recomputes0
     assert_idle(pair)

@@ -33,12 +33,14 @@ class ProcSpec:
     env: dict[str, str]  # added to the launcher's environment
     ready_url: str
     ports: tuple[tuple[str, int], ...] = field(default=())  # (host, port) it will bind
+    cpus: tuple[int, ...] = ()  # CPU engines: every process of the engine confined to these cores
 
     def shell(self) -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()) if k != LAUNCH_SECRET_ENV)
         if LAUNCH_SECRET_ENV in self.env:
             env += f" {LAUNCH_SECRET_ENV}=<per-launch secret>"
-        return f"{env} {shlex.join(self.argv)}".strip()
+        pin = f"taskset -c {','.join(map(str, self.cpus))} " if self.cpus else ""
+        return f"{env} {pin}{shlex.join(self.argv)}".strip()
 
 
 def build_plan(topo: Topology, topology_file: Path, model_dir: Path, platform: Platform,
@@ -83,7 +85,8 @@ def _engine(topo: Topology, inst: Instance, topology_file: Path, model_dir: Path
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in inst.devices)
     env.update(inst.env)
     ports = [(inst.host, inst.port)] + ([(inst.host, inst.control_port)] if inst.control_port else [])
-    return ProcSpec(inst.name, "engine", argv, env, f"http://{inst.host}:{inst.port}/health", tuple(ports))
+    cpus = tuple(inst.devices) if platform == "cpu" else ()
+    return ProcSpec(inst.name, "engine", argv, env, f"http://{inst.host}:{inst.port}/health", tuple(ports), cpus)
 
 
 def _engine_arg(key: str, value: object) -> list[str]:

@@ -69,9 +69,11 @@ class Runner:
 
     def _spawn(self, p: Proc) -> None:
         env = {**os.environ, **p.spec.env}
+        cpus = set(p.spec.cpus)
         with open(p.log_path, "wb") as log:
             p.popen = subprocess.Popen(p.spec.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=env, start_new_session=True)
+                                       env=env, start_new_session=True,
+                                       preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         p.started, p.state = time.monotonic(), "starting"
         self._write_pids()
 

@@ -34,7 +34,10 @@ class EngineSpec:
     model: Path
     log_dir: Path
     kv_transfer_config: dict[str, Any] | None = None
-    cores: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "0"
+    # VLLM_CPU_OMP_THREADS_BIND, e.g. "0"; every process of the engine (API server, engine
+    # core, worker) is confined to these cores, so one engine's polling never lands on the
+    # core the other engine computes on
+    cores: str | None = None
     block_size: int = 32
     max_model_len: int = 4096
     kv_cache_gib: int = 1
@@ -120,9 +123,11 @@ class Engine:
             env["VLLM_CPU_OMP_THREADS_BIND"] = s.cores
         env.update(s.env)
         s.log_dir.mkdir(parents=True, exist_ok=True)
+        cpus = {int(c) for c in s.cores.split(",")} if s.cores else None
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True, stdin=subprocess.DEVNULL)
+                                         start_new_session=True, stdin=subprocess.DEVNULL,
+                                         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         return self
 
     def log_tail(self, n: int = 40) -> str:

@@ -15,7 +15,7 @@ from pdfabric import __version__
 
 __all__ = ["main", "COMMANDS"]
 
-COMMANDS = ("config", "bench", "proxy", "launch")
+COMMANDS = ("config", "bench", "proxy", "launch", "status")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,93 @@
+"""``pdfabric status``: what a running deployment is doing, from its proxy.
+
+Asks the proxy (``/admin/instances``, ``/metrics``) for its instances, their health and
+in-flight load, and - with ``--topology FILE`` whose ``secret`` is set - each engine's
+connector for its transfers (received bytes, recent transfer GB/s, recomputes, held
+blocks). Exit 0, or 1 when the proxy cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("status", help="instances, health, load and transfers of a running deployment",
+                              description="Show what a running pdfabric deployment is doing.")
+    p.add_argument("proxy", nargs="?", default="http://127.0.0.1:8000", help="the proxy's base URL")
+    p.add_argument("--topology", metavar="FILE", help="also ask each engine's connector (needs the topology's secret)")
+    p.add_argument("--api-key", help="the proxy's API key, if it has one")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=run)
+
+
+def _get(url: str, key: str | None) -> bytes:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.read()
+
+
+def _connectors(topology: str) -> dict[str, dict[str, Any]]:
+    from pdfabric.config import load_topology
+    from pdfabric.connector.control import query_status
+
+    topo = load_topology(topology, check_secrets=True)
+    key = (topo.shared_secret() or "").encode()
+    out: dict[str, dict[str, Any]] = {}
+    for i in topo.instances:
+        if i.control_port is None:
+            continue
+        try:
+            st = query_status(f"{i.host}:{i.control_port}", key, timeout_s=2.0)
+        except Exception as e:
+            out[i.name] = {"error": str(e)}
+            continue
+        moved = [(n, s) for _, n, s in (st.recent or st.pushed) if s > 0]
+        gbps = sum(n for n, _ in moved) / max(sum(s for _, s in moved), 1e-9) / 1e9 if moved else None
+        out[i.name] = {"counters": st.counters, "open_transfers": len(st.open_transfers), "recent_gbps": gbps}
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    base = args.proxy.rstrip("/")
+    try:
+        instances = json.loads(_get(base + "/admin/instances", args.api_key))["instances"]
+        metrics = _get(base + "/metrics", args.api_key).decode()
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
+        print(f"error: cannot read the proxy at {base}: {e}", file=sys.stderr)
+        return 1
+    conn = _connectors(args.topology) if args.topology else {}
+    if args.json:
+        print(json.dumps({"instances": instances, "connectors": conn, "metrics": metrics}, indent=2))
+        return 0
+    _print(instances, metrics, conn)
+    return 0
+
+
+def _print(instances: list[dict[str, Any]], metrics: str, conn: dict[str, dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="pdfabric status")
+    for col in ("instance", "role", "url", "health", "in flight", "served", "received", "recent GB/s", "recomputes", "held"):
+        t.add_column(col)
+    for i in instances:
+        c = conn.get(i["name"], {})
+        k = c.get("counters", {})
+        health = "draining" if i["draining"] else ("up" if i["healthy"] else f"down {i['last_error'][:40]}")
+        gbps = c.get("recent_gbps")
+        t.add_row(i["name"], i["role"], i["url"], health, str(i["in_flight"]), str(i["served"]),
+                  f"{k.get('received_bytes', 0) / 2**20:.1f} MiB" if k else "-",
+                  "-" if gbps is None else f"{gbps:.2f}", str(k.get("recomputes", "-")), str(k.get("held_requests", "-")))
+    console = Console()
+    console.print(t)
+    lines = [ln for ln in metrics.splitlines() if ln.startswith(("pdfabric_proxy_requests_total", "pdfabric_proxy_decode_alone",
+                                                                   "pdfabric_proxy_prefill_failures", "pdfabric_proxy_errors"))]
+    console.print("\n".join(lines), highlight=False)

@@ -230,7 +230,12 @@ def test_through_the_proxy_with_the_openai_client(pair: FabricPair, proxy_url: s
                                            extra_body={"ignore_eos": True})
         assert "".join(c.choices[0].text for c in chunks if c.choices) == text_want
     # each prompt's first request moved all but its last token; the repeat found the full
-    # blocks in the decode engine's prefix cache and moved only the tail
-    assert by_source(pair.decode, "external_kv_transfer") - ext0 >= sum(len(p) - 1 for p in prompts)
+    # blocks in the decode engine's prefix cache and moved only the tail. vLLM publishes its
+    # stats a moment after the response: wait for them.
+    want_ext = sum(len(p) - 1 for p in prompts)
+    deadline = time.monotonic() + 10
+    while by_source(pair.decode, "external_kv_transfer") - ext0 < want_ext and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert by_source(pair.decode, "external_kv_transfer") - ext0 >= want_ext
     assert _recomputes(pair) == recomputes0
     assert_idle(pair)

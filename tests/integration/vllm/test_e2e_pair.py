@@ -218,7 +218,7 @@ def test_through_the_proxy_with_the_openai_client(pair: FabricPair, proxy_url: s
 
     client = openai.OpenAI(base_url=proxy_url + "/v1", api_key="unused", max_retries=0, timeout=120)
     ext0, recomputes0 = by_source(pair.decode, "external_kv_transfer"), _recomputes(pair)
-    prompts = [make_prompt(n, seed=900 + n, vocab=vocab_size) for n in (45, 300, 777)]
+    prompts = [make_prompt(n, seed=90_000 + n, vocab=vocab_size) for n in (45, 300, 777)]  # no shared prefixes
     for p in prompts:
         want = alone(pair.prefill, p)
         text_want = pair.prefill.complete({"prompt": p, **greedy()})["choices"][0]["text"]

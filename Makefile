@@ -31,11 +31,13 @@ BENCH_STAMP := $(VENV)/.pdfabric-bench-installed
 # an unpinned torch, which would replace the CPU build)
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q --no-deps nixl nixl-cu12 nixl-cu13
+	$(PY) -m pip install -q vllm-router sglang-router
 	touch $(BENCH_STAMP)
 
 bench: setup $(BENCH_STAMP)
 	$(VENV)/bin/pdfabric bench transfer --rounds 5 --json bench-transfer.json --plot bench-transfer.png
 	$(PY) benchmarks/e2e_ttft.py --rounds 3 --json bench-ttft.json
+	$(PY) benchmarks/proxy_overhead.py --json bench-proxy.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,6 +1,7 @@
 """The two legs of a disaggregated request, and the helpers that talk to engines.
 
-``Upstream`` owns one pooled aiohttp session (keep-alive, TCP_NODELAY) for every engine.
+``Upstream`` sends the legs with a lean keep-alive HTTP/1.1 client (``pdfabric.proxy.http1``)
+and keeps an aiohttp session for health probes and ``/v1/models``.
 A leg that fails raises ``LegFailed`` naming the instance and why; the request path then
 retries on another prefill engine or sends the request to the decode engine alone.
 """
@@ -8,15 +9,44 @@ retries on another prefill engine or sends the request to the decode engine alon
 from __future__ import annotations
 
 import asyncio
-import uuid
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import aiohttp
+import msgspec
 
+from pdfabric.proxy.http1 import Client, Response
 from pdfabric.proxy.instances import Instance
 
-__all__ = ["LegFailed", "Upstream", "prefill_body", "decode_body", "new_transfer_id", "Opened"]
+__all__ = ["LegFailed", "Upstream", "prefill_body", "decode_body", "new_transfer_id", "Opened", "encode_json",
+           "decode_json"]
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder()
+
+
+def encode_json(obj: Any) -> bytes:
+    """JSON bytes (msgspec: the hot path; the json module for what msgspec cannot encode)."""
+    try:
+        return _ENCODER.encode(obj)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError):  # ValueError: lone surrogates
+        return json.dumps(obj).encode()
+
+
+def decode_json(raw: bytes) -> Any:
+    """Parsed JSON; what msgspec refuses goes to the json module, so errors are json.loads's
+    (ValueError, UnicodeDecodeError). NaN and Infinity are refused: they are not JSON, and
+    msgspec would forward them as null."""
+    try:
+        return _DECODER.decode(raw)
+    except msgspec.DecodeError:
+        return json.loads(raw, parse_constant=_not_json)
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class LegFailed(Exception):
@@ -28,7 +58,7 @@ class LegFailed(Exception):
 
 
 def new_transfer_id() -> str:
-    return f"px-{uuid.uuid4().hex}"
+    return "px-" + os.urandom(16).hex()  # 128 random bits, like uuid4().hex without building a UUID
 
 
 def prefill_body(body: dict[str, Any], chat: bool, tid: str) -> dict[str, Any]:
@@ -51,7 +81,7 @@ def _nothing() -> None:
 class Opened:
     """A decode leg whose response headers (and first bytes when streaming) arrived."""
 
-    resp: aiohttp.ClientResponse
+    resp: Response
     first: bytes  # first chunk (stream) or the whole body (non-stream)
     release: Callable[[], None] = _nothing  # gives the leg's load back once the answer is written
     prefill: asyncio.Task[Any] | None = None  # the pair's prefill leg, when still open
@@ -63,7 +93,8 @@ class Upstream:
         # the leg timeout bounds silence (waiting for the answer, or between stream chunks),
         # not a whole answer: a long generation that keeps streaming is never cut
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=leg_timeout_s)
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # probes and /v1/models
+        self.http = Client(leg_timeout_s, connect_timeout_s)  # the legs: the hot path
 
     async def start(self) -> None:
         conn = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
@@ -73,6 +104,7 @@ class Upstream:
                                               headers={"Accept-Encoding": "identity"})
 
     async def close(self) -> None:
+        self.http.close()
         if self._session is not None:
             await self._session.close()
 
@@ -84,31 +116,36 @@ class Upstream:
     async def post_json(self, inst: Instance, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A non-streaming leg (the prefill leg): the engine's JSON answer or ``LegFailed``."""
         try:
-            async with self.session.post(inst.url + path, json=body) as resp:
-                data = await resp.read()
-                if resp.status != 200:
-                    raise LegFailed(inst, f"HTTP {resp.status}: {data[:300].decode(errors='replace')}")
-                return await resp.json(content_type=None)
-        except asyncio.TimeoutError:  # first: it is an OSError (and aiohttp's a ClientConnectionError)
+            resp = await self.http.post(inst.url, path, encode_json(body))
+            data = await resp.read()
+            if resp.status != 200:
+                raise LegFailed(inst, f"HTTP {resp.status}: {data[:300].decode(errors='replace')}")
+            answer = decode_json(data)
+            if not isinstance(answer, dict):
+                raise ValueError(f"expected a JSON object, got {type(answer).__name__}")
+            return answer
+        except asyncio.TimeoutError:  # first: it is an OSError
             raise LegFailed(inst, "timed out") from None
-        except (aiohttp.ClientConnectionError, OSError) as e:
+        except OSError as e:
             raise LegFailed(inst, f"unreachable: {e}", down=True) from None
-        except (aiohttp.ClientError, ValueError) as e:
+        except ValueError as e:  # cut in the middle, not JSON
             raise LegFailed(inst, f"bad answer: {e}") from None
 
     async def open(self, inst: Instance, path: str, body: dict[str, Any], stream: bool) -> Opened:
         """Start a leg whose answer goes to the client: headers plus its first bytes."""
         try:
-            resp = await self.session.post(inst.url + path, json=body)
+            resp = await self.http.post(inst.url, path, encode_json(body))
         except asyncio.TimeoutError:  # first: see post_json
             raise LegFailed(inst, "timed out") from None
-        except (aiohttp.ClientConnectionError, OSError) as e:
+        except OSError as e:
             raise LegFailed(inst, f"unreachable: {e}", down=True) from None
+        except ValueError as e:  # its headers cut short
+            raise LegFailed(inst, f"bad answer: {e}") from None
         try:
-            first = await (resp.content.readany() if stream and resp.status == 200 else resp.read())
+            first = await (resp.next_piece() if stream and resp.status == 200 else resp.read())
         except BaseException as e:
             resp.close()
-            if isinstance(e, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):
+            if isinstance(e, (ValueError, asyncio.TimeoutError, OSError)):
                 raise LegFailed(inst, f"answer cut: {e!r}") from None
             raise
         return Opened(resp, first)

@@ -92,6 +92,8 @@ class Router:
 
     @staticmethod
     def remember(inst: Instance, hashes: list[bytes]) -> None:
+        if not hashes:
+            return
         now = time.monotonic()
         for h in hashes:
             inst.recent[h] = now

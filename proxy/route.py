@@ -127,8 +127,8 @@ async def _disaggregated(proxy: "Proxy", p: Instance, d: Instance, path: str, ch
     p_task = asyncio.create_task(_prefill(proxy, p, path, p_body, tokens))
     d_task = asyncio.create_task(_leg(proxy, d, tokens, path, decode_body(body, d_params), stream))
     try:
-        done, _ = await asyncio.wait({p_task, d_task}, return_when=asyncio.FIRST_COMPLETED)
-        if p_task in done and p_task.exception() is not None and not d_task.done():
+        await _first_done(p_task, d_task)
+        if p_task.done() and p_task.exception() is not None and not d_task.done():
             d_task.cancel()  # Rule 2: its connection closes and the engine aborts it
             with contextlib.suppress(BaseException):
                 await d_task
@@ -146,6 +146,23 @@ async def _disaggregated(proxy: "Proxy", p: Instance, d: Instance, path: str, ch
         opened.prefill = p_task  # Rule 3: still open; cancelled if the client hangs up
     opened.headers["x-pdfabric-transfer-id"] = tid
     return opened
+
+
+async def _first_done(a: "asyncio.Task[Any]", b: "asyncio.Task[Any]") -> None:
+    """Until one of the two tasks is done (``asyncio.wait(FIRST_COMPLETED)``, lighter)."""
+    waiter = asyncio.get_running_loop().create_future()
+
+    def wake(_: "asyncio.Task[Any]") -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    a.add_done_callback(wake)
+    b.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        a.remove_done_callback(wake)
+        b.remove_done_callback(wake)
 
 
 def _quiet(t: "asyncio.Task[Any]") -> None:
@@ -168,7 +185,7 @@ async def _prefill(proxy: "Proxy", p: Instance, path: str, body: dict[str, Any],
 
 async def _respond(proxy: "Proxy", request: web.Request, opened: Opened, stream: bool) -> web.StreamResponse:
     resp = opened.resp
-    headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
+    headers = {k: v for k, v in resp.headers if k.lower() not in _HOP}
     headers.update(opened.headers)
     try:
         if not stream or resp.status != 200:
@@ -176,7 +193,7 @@ async def _respond(proxy: "Proxy", request: web.Request, opened: Opened, stream:
         out = web.StreamResponse(status=resp.status, headers=headers)
         await out.prepare(request)
         await out.write(opened.first)
-        async for chunk in resp.content.iter_any():
+        while chunk := await resp.next_piece():
             await out.write(chunk)
         await out.write_eof()
         return out
@@ -186,4 +203,4 @@ async def _respond(proxy: "Proxy", request: web.Request, opened: Opened, stream:
         raise
     finally:
         opened.release()
-        resp.release() if stream else resp.close()
+        resp.close()  # the connection goes back to the pool if the answer was read to its end

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from pdfabric.proxy.instances import Instance, Registry, UnknownInstance
-from pdfabric.proxy.legs import Upstream
+from pdfabric.proxy.legs import Upstream, decode_json
 from pdfabric.proxy.policy import Router, chunk_hashes, estimate_tokens
 
 __all__ = ["ProxySettings", "Proxy", "HTTPProblem"]
@@ -228,7 +228,9 @@ class Proxy:
         _validate(body, chat)
         stream = bool(body.get("stream", False))
         prompt = _prompt_of(body, chat)
-        tokens, hashes = estimate_tokens(prompt), chunk_hashes(prompt)
+        tokens = estimate_tokens(prompt)
+        # the prefix hashes serve prefix_aware only (the hashing costs per prompt kilobyte)
+        hashes = chunk_hashes(prompt) if self.settings.policy == "prefix_aware" else []
         self.stats.counters["requests"] += 1
         from pdfabric.proxy.route import serve_request
 
@@ -241,7 +243,7 @@ _PROBE_TIMEOUT = None  # set below (aiohttp import kept local to the module top)
 async def _json_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
-        body = json.loads(raw)
+        body = decode_json(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise HTTPProblem(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):

@@ -22,6 +22,7 @@ In-process: ``port = await FakeEngine("p0", "prefill").start()`` on the running 
     python -m pdfabric.testing.fake_engine --port 8100 --role prefill --delay-ms 5 --tokens 16
 
 prints ``fake engine NAME (ROLE) on http://HOST:PORT`` once it listens; SIGTERM stops it.
+``--no-record`` keeps no request list (for benchmarks that send millions of requests).
 """
 
 from __future__ import annotations
@@ -69,8 +70,10 @@ class Faults:
 
 class FakeEngine:
     def __init__(self, name: str = "fake", role: Role = "both", *, host: str = "127.0.0.1", port: int = 0,
-                 tokens: int = 8, delay_ms: float = 0.0, model: str = "fake-model", control: str | None = None) -> None:
+                 tokens: int = 8, delay_ms: float = 0.0, model: str = "fake-model", control: str | None = None,
+                 record: bool = True) -> None:
         self.name, self.role, self.host, self.port = name, role, host, port
+        self.record = record  # False: ``requests`` stays empty (long benchmarks: no growing list)
         self.tokens, self.delay_s, self.model = tokens, delay_ms / 1000.0, model
         self._control = control
         self.faults = Faults()
@@ -150,7 +153,8 @@ class FakeEngine:
         if not isinstance(body, dict):
             return _error(400, "body is not a JSON object")
         rec = Received(request.path, body, time.monotonic())
-        self.requests.append(rec)
+        if self.record:
+            self.requests.append(rec)
         try:
             return await self._answer(request, rec, chat)
         except (asyncio.CancelledError, ConnectionError):
@@ -267,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=8, help="output tokens (at most; max_tokens caps it)")
     ap.add_argument("--model", default="fake-model")
     ap.add_argument("--control", default=None, help="producer address to report (default: host:port)")
+    ap.add_argument("--no-record", action="store_true", help="keep no list of requests (GET /fake/requests: [])")
     args = ap.parse_args(argv)
     import uvloop
 
@@ -275,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _serve(args: argparse.Namespace) -> int:
     eng = FakeEngine(args.name or f"fake-{args.role}", args.role, host=args.host, port=args.port,
-                     tokens=args.tokens, delay_ms=args.delay_ms, model=args.model, control=args.control)
+                     tokens=args.tokens, delay_ms=args.delay_ms, model=args.model, control=args.control,
+                     record=not args.no_record)
     eng.faults.first_token_delay_s = args.first_token_ms / 1000.0
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

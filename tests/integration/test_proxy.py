@@ -172,6 +172,8 @@ def test_prefix_aware_sends_a_shared_prefix_to_the_prefill_that_computed_it(make
         t.join(10)
     assert done == [200]
     s.prefills[0].faults.first_token_delay_s = 0
+    # concurrent pairing: the client can have its answer before the prefill leg reached p1
+    wait_until(lambda: s.prefills[1].requests, what="the prefill leg on p1")
     assert [r.body["prompt"] for r in s.prefills[1].requests] == [prefix_a + " first"]
     # now both idle: each shared prefix goes back to the prefill that has it
     for _ in range(2):

@@ -26,6 +26,7 @@ BAD_BODIES: list[tuple[str, str, bytes, str]] = [
     ("malformed-json", "/v1/completions", b'{"model": "m", "prompt": ', "not valid JSON"),
     ("not-utf8", "/v1/completions", b'{"model": "\xff\xfe"}', "not valid JSON"),
     ("empty", "/v1/completions", b"", "not valid JSON"),
+    ("nan", "/v1/completions", b'{"model": "m", "prompt": "x", "temperature": NaN}', "not valid JSON"),
     ("array", "/v1/completions", b'[{"model": "m", "prompt": "x"}]', "expected a JSON object"),
     ("string", "/v1/chat/completions", b'"hello"', "expected a JSON object"),
     ("no-model", "/v1/completions", json.dumps({"prompt": "x"}).encode(), "'model'"),

@@ -50,11 +50,12 @@ def _not_json(name: str) -> Any:
 
 
 class LegFailed(Exception):
-    def __init__(self, instance: Instance, why: str, *, down: bool = False) -> None:
+    def __init__(self, instance: Instance, why: str, *, down: bool = False, timed_out: bool = False) -> None:
         super().__init__(f"{instance.name}: {why}")
         self.instance = instance
         self.why = why
         self.down = down  # the engine is unreachable (not just this request failing)
+        self.timed_out = timed_out  # silent past the leg timeout (it may still be working)
 
 
 def new_transfer_id() -> str:
@@ -125,7 +126,7 @@ class Upstream:
                 raise ValueError(f"expected a JSON object, got {type(answer).__name__}")
             return answer
         except asyncio.TimeoutError:  # first: it is an OSError
-            raise LegFailed(inst, "timed out") from None
+            raise LegFailed(inst, "timed out", timed_out=True) from None
         except OSError as e:
             raise LegFailed(inst, f"unreachable: {e}", down=True) from None
         except ValueError as e:  # cut in the middle, not JSON
@@ -136,7 +137,7 @@ class Upstream:
         try:
             resp = await self.http.post(inst.url, path, encode_json(body))
         except asyncio.TimeoutError:  # first: see post_json
-            raise LegFailed(inst, "timed out") from None
+            raise LegFailed(inst, "timed out", timed_out=True) from None
         except OSError as e:
             raise LegFailed(inst, f"unreachable: {e}", down=True) from None
         except ValueError as e:  # its headers cut short
@@ -145,7 +146,9 @@ class Upstream:
             first = await (resp.next_piece() if stream and resp.status == 200 else resp.read())
         except BaseException as e:
             resp.close()
-            if isinstance(e, (ValueError, asyncio.TimeoutError, OSError)):
+            if isinstance(e, asyncio.TimeoutError):
+                raise LegFailed(inst, "timed out", timed_out=True) from None
+            if isinstance(e, (ValueError, OSError)):
                 raise LegFailed(inst, f"answer cut: {e!r}") from None
             raise
         return Opened(resp, first)

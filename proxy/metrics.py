@@ -21,6 +21,10 @@ def render(proxy: "Proxy") -> str:
     lines += [
         "# TYPE pdfabric_proxy_prefill_failures_total counter",
         f"pdfabric_proxy_prefill_failures_total {c['prefill_failures']}",
+        "# TYPE pdfabric_proxy_decode_failures_total counter",
+        f"pdfabric_proxy_decode_failures_total {c['decode_failures']}",
+        "# TYPE pdfabric_proxy_streams_broken_total counter",
+        f"pdfabric_proxy_streams_broken_total {c['streams_broken']}",
         "# TYPE pdfabric_proxy_decode_alone_total counter",
         f'pdfabric_proxy_decode_alone_total{{reason="policy"}} {c["decode_alone"]}',
         f'pdfabric_proxy_decode_alone_total{{reason="prefill_failed"}} {c["decode_alone_after_failure"]}',

@@ -11,6 +11,12 @@ Rules:
 3. A client that hangs up cancels every leg still open.
 4. Load counters (in-flight requests and prompt tokens) are taken before a leg starts and
    given back in ``finally``.
+5. A decode leg that fails before its answer's first bytes (unreachable, cut, HTTP-level
+   failure of the connection) is retried with a new pair on another decode engine, up to
+   ``decode_attempts`` in all; a timed-out one is not (504): its engine may still be busy.
+   Nothing is sent twice to an engine that answered: only legs that failed are retried.
+6. A stream that breaks after bytes reached the client ends with an SSE error event and no
+   ``[DONE]`` (counted in ``streams_broken``), never a silent truncation.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from pdfabric.proxy.instances import Instance
-from pdfabric.proxy.legs import LegFailed, Opened, decode_body, new_transfer_id, prefill_body
+from pdfabric.proxy.legs import LegFailed, Opened, decode_body, encode_json, new_transfer_id, prefill_body
 
 if TYPE_CHECKING:
     from pdfabric.proxy.server import Proxy
@@ -40,36 +46,61 @@ async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: b
                         stream: bool, tokens: int, hashes: list[bytes]) -> web.StreamResponse:
     from pdfabric.proxy.server import HTTPProblem
 
-    tried: set[str] = set()
-    reason = ""
-    for _ in range(max(1, proxy.settings.prefill_attempts)):
-        choice = proxy.router.choose(proxy.registry.prefills(), proxy.registry.decodes(), tokens, hashes, frozenset(tried))
+    settings = proxy.settings
+    tried: set[str] = set()  # instances (either role) that failed this request
+    reason = ""  # why the last prefill leg failed
+    prefill_tries = decode_failures = 0
+    while True:
+        prefills = proxy.registry.prefills() if prefill_tries < max(1, settings.prefill_attempts) else []
+        choice = proxy.router.choose(prefills, proxy.registry.decodes(), tokens, hashes, frozenset(tried))
         if choice is None:
+            if decode_failures:
+                raise HTTPProblem(502, f"no decode instance could answer: {decode_why}", "upstream_error")
             raise HTTPProblem(503, "no healthy decode instance", "service_unavailable", "no_instance")
-        if choice.prefill is None:
-            break
         try:
-            opened = await _disaggregated(proxy, choice.prefill, choice.decode, path, chat, body, stream, tokens)
-        except LegFailed as e:
-            reason = _prefill_failed(proxy, e)
+            if choice.prefill is not None:
+                try:
+                    opened = await _disaggregated(proxy, choice.prefill, choice.decode, path, chat, body, stream,
+                                                  tokens)
+                except LegFailed as e:
+                    reason = _prefill_failed(proxy, e)
+                    tried.add(e.instance.name)
+                    prefill_tries += 1
+                    continue
+                proxy.router.remember(choice.prefill, hashes)
+                opened.headers["x-pdfabric-prefill"] = choice.prefill.name
+            else:
+                opened = await _leg(proxy, choice.decode, tokens, path, body, stream)
+                if reason:
+                    proxy.stats.counters["decode_alone_after_failure"] += 1
+                    log.warning("pdfabric proxy: decode engine %s serves a request alone (recomputes): %s",
+                                choice.decode.name, reason)
+                else:
+                    proxy.stats.counters["decode_alone"] += 1
+        except _DecodeFailed as e:  # Rule 5: nothing reached the client yet
+            decode_failures += 1
+            decode_why = f"{e.instance.name} {e.why}"
             tried.add(e.instance.name)
+            proxy.stats.counters["decode_failures"] += 1
+            e.instance.failures += 1
+            e.instance.last_error = e.why
+            if e.timed_out:
+                raise HTTPProblem(504, f"decode instance {decode_why}", "upstream_error") from None
+            if decode_failures >= max(1, settings.decode_attempts):
+                raise HTTPProblem(502, f"decode instance {decode_why}", "upstream_error") from None
+            log.warning("pdfabric proxy: decode leg on %s failed before answering: %s; retrying elsewhere",
+                        e.instance.name, e.why)
             continue
-        proxy.router.remember(choice.prefill, hashes)
-        opened.headers["x-pdfabric-prefill"] = choice.prefill.name
         opened.headers["x-pdfabric-decode"] = choice.decode.name
         return await _respond(proxy, request, opened, stream)
-    else:
-        choice = proxy.router.choose([], proxy.registry.decodes(), tokens, hashes)
-        if choice is None:
-            raise HTTPProblem(503, "no healthy decode instance", "service_unavailable", "no_instance")
-    if reason:
-        proxy.stats.counters["decode_alone_after_failure"] += 1
-        log.warning("pdfabric proxy: decode engine %s serves a request alone (recomputes): %s", choice.decode.name, reason)
-    else:
-        proxy.stats.counters["decode_alone"] += 1
-    opened = await _leg(proxy, choice.decode, tokens, path, body, stream)
-    opened.headers["x-pdfabric-decode"] = choice.decode.name
-    return await _respond(proxy, request, opened, stream)
+
+
+class _DecodeFailed(Exception):
+    """A decode leg that failed before any byte of its answer reached the client."""
+
+    def __init__(self, e: LegFailed) -> None:
+        super().__init__(str(e))
+        self.instance, self.why, self.timed_out = e.instance, e.why, e.timed_out
 
 
 def _prefill_failed(proxy: "Proxy", e: LegFailed) -> str:
@@ -94,12 +125,10 @@ async def _leg(proxy: "Proxy", inst: Instance, tokens: int, path: str, body: dic
     try:
         opened = await proxy.upstream.open(inst, path, body, stream)
     except LegFailed as e:
-        from pdfabric.proxy.server import HTTPProblem
-
         unload()
         if e.down:
             inst.healthy = False
-        raise HTTPProblem(502, f"decode instance {e.why}", "upstream_error") from None
+        raise _DecodeFailed(e) from None
     except BaseException:
         unload()
         raise
@@ -193,7 +222,14 @@ async def _respond(proxy: "Proxy", request: web.Request, opened: Opened, stream:
         out = web.StreamResponse(status=resp.status, headers=headers)
         await out.prepare(request)
         await out.write(opened.first)
-        while chunk := await resp.next_piece():
+        while True:
+            try:
+                chunk = await resp.next_piece()
+            except (ValueError, OSError, asyncio.TimeoutError) as e:  # the engine, not the client
+                await _stream_broken(proxy, out, opened, e)
+                return out
+            if not chunk:
+                break
             await out.write(chunk)
         await out.write_eof()
         return out
@@ -204,3 +240,20 @@ async def _respond(proxy: "Proxy", request: web.Request, opened: Opened, stream:
     finally:
         opened.release()
         resp.close()  # the connection goes back to the pool if the answer was read to its end
+
+
+async def _stream_broken(proxy: "Proxy", out: web.StreamResponse, opened: Opened, e: BaseException) -> None:
+    """Rule 6: the decode engine stopped in the middle of a stream the client is reading. The
+    answer cannot be retried (the client has part of it), so it ends with an error event and
+    without ``[DONE]``: the client learns the answer is incomplete (the openai client raises)."""
+    name = opened.headers.get("x-pdfabric-decode", "?")
+    why = "timed out" if isinstance(e, asyncio.TimeoutError) else f"stopped mid-answer: {e!r}"
+    proxy.stats.counters["streams_broken"] += 1
+    log.warning("pdfabric proxy: the stream from decode instance %s broke: %s", name, why)
+    if opened.prefill is not None:
+        opened.prefill.cancel()
+    error = {"error": {"message": f"decode instance {name} {why}; the answer is incomplete",
+                       "type": "upstream_error", "code": 502}}
+    with contextlib.suppress(ConnectionError, RuntimeError):  # the client may be gone as well
+        await out.write(b"data: " + encode_json(error) + b"\n\n")
+        await out.write_eof()

@@ -46,6 +46,7 @@ class ProxySettings:
     api_keys: tuple[str, ...] = ()
     health_interval_s: float = 2.0
     prefill_attempts: int = 2
+    decode_attempts: int = 2  # decode legs tried per request (route.py Rule 5)
     model: str | None = None  # served model name for /v1/models (None: ask an engine)
 
 

@@ -20,6 +20,16 @@ from typing import Any
 __all__ = ["register", "settings_and_registry"]
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("proxy", help="run the OpenAI-compatible routing proxy",
                               description="Pair each request with a prefill and a decode engine.")
@@ -33,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--min-tokens", type=int, dest="min_tokens", help="shorter prompts go to a decode engine alone")
     p.add_argument("--api-key-env", metavar="NAME", help="environment variable holding API keys (comma separated)")
     p.add_argument("--model", help="model name for /v1/models (default: ask an engine)")
+    p.add_argument("--health-interval", type=_positive, metavar="SECONDS", dest="health_interval",
+                   help="seconds between health probes of every instance (default 2)")
+    p.add_argument("--leg-timeout", type=_positive, metavar="SECONDS", dest="leg_timeout",
+                   help="longest silence of an engine before its leg is given up (default 600)")
     p.set_defaults(func=run)
 
 
@@ -50,7 +64,9 @@ def settings_and_registry(args: argparse.Namespace) -> tuple[Any, Any]:
         keys = topo.resolve_secret(px.api_keys, path="proxy.api_keys") if px.api_keys else ""
         base = dict(host=px.host, port=px.port, policy=px.policy, pairing=px.pairing,
                     disaggregate_min_tokens=px.disaggregate_min_tokens, leg_timeout_s=px.leg_timeout_s,
-                    max_body=int(px.max_body), api_keys=_keys(keys), model=topo.model.display_name)
+                    max_body=int(px.max_body), api_keys=_keys(keys), model=topo.model.display_name,
+                    health_interval_s=px.health_interval_s, prefill_attempts=px.prefill_attempts,
+                    decode_attempts=px.decode_attempts)
         for i in topo.instances:
             control = f"{i.host}:{i.control_port}" if i.control_port is not None and i.can_prefill else None
             instances.append(Instance(i.name, i.role, f"http://{i.host}:{i.port}", control))
@@ -66,7 +82,8 @@ def settings_and_registry(args: argparse.Namespace) -> tuple[Any, Any]:
     if not any(i.can_decode for i in instances):
         raise ConfigError("no decode instance: give --decode URL or a --topology with a decode/both instance")
     flags = {"host": args.host, "port": args.port, "policy": args.policy, "pairing": args.pairing,
-             "disaggregate_min_tokens": args.min_tokens, "model": args.model}
+             "disaggregate_min_tokens": args.min_tokens, "model": args.model,
+             "health_interval_s": args.health_interval, "leg_timeout_s": args.leg_timeout}
     base.update({k: v for k, v in flags.items() if v is not None})
     if args.api_key_env:
         base["api_keys"] = _keys(os.environ.get(args.api_key_env, ""))

@@ -405,6 +405,9 @@ class ProxyConfig(_Frozen):
     api_keys: SecretRef | None = None
     leg_timeout_s: Seconds = 600.0
     max_body: PositiveSize = parse_size("8MiB")
+    health_interval_s: Seconds = 2.0
+    prefill_attempts: Annotated[int, Field(ge=1)] = 2
+    decode_attempts: Annotated[int, Field(ge=1)] = 2
 
 
 # ------------------------------------------------------------------------- topology

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 import httpx
+import openai
 import pytest
 from proxy_harness import LONG_PROMPT, Stack, assert_openai_error, only, sse_events, wait_until
 
@@ -159,16 +160,71 @@ def test_client_hanging_up_before_the_first_byte_cancels_both_legs(make_stack: M
     wait_until(lambda: s.instance("d0")["in_flight"] == 0 and s.instance("p0")["in_flight"] == 0, what="loads back")
 
 
-def test_decode_engine_cutting_the_stream_cuts_the_client_stream(make_stack: MakeStack) -> None:
+def test_decode_engine_cutting_the_stream_ends_it_with_an_error_event(make_stack: MakeStack) -> None:
+    """Rule 6: bytes already reached the client, so no retry; the stream ends with an error
+    event and without [DONE] (never a silent truncation), and the openai client raises."""
     s = make_stack(prefills=1, engine={"tokens": 10})
     s.decodes[0].faults.cut_after = 3
     body = {"model": "m", "prompt": "x", "stream": True}
-    with pytest.raises(httpx.RemoteProtocolError), s.client.stream("POST", "/v1/completions", json=body) as r:
-        for _ in r.iter_lines():
+    with s.client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        events = sse_events("".join(r.iter_text()))
+    assert len(events) == 4 and "[DONE]" not in events
+    assert [e["choices"][0]["text"] for e in events[:3]] == [" tok0", " tok1", " tok2"]
+    err = events[3]["error"]
+    assert err["type"] == "upstream_error" and "d0" in err["message"] and "incomplete" in err["message"]
+    assert s.metrics()["pdfabric_proxy_streams_broken_total"] == 1
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.APIError, match="incomplete"):
+        for _ in client.completions.create(model="m", prompt="x", stream=True):
             pass
+    client.close()
     s.decodes[0].faults.cut_after = None
     assert s.complete().status_code == 200
     wait_until(lambda: s.instance("d0")["in_flight"] == 0, what="decode load back")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_decode_engine_failing_before_its_answer_is_retried_on_another(make_stack: MakeStack, stream: bool) -> None:
+    """Rule 5: nothing reached the client, so the request gets a new pair on the other decode
+    engine; the failed leg is the only other one, and it did not finish."""
+    s = make_stack(prefills=1, decodes=2, health_interval_s=60)
+    d0, d1 = s.decodes
+    d0.faults.cut_after = 0  # closes the connection without an answer
+    for _ in range(2):  # round robin: one of the two starts on d0
+        r = s.complete(LONG_PROMPT, stream=stream)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-pdfabric-decode"] == "d1"
+        if stream:
+            assert sse_events(r.text)[-1] == "[DONE]"
+    assert len(d0.requests) == 1 and d0.requests[0].cut and not d0.requests[0].finished
+    assert len(d1.requests) == 2 and all(x.finished for x in d1.requests)
+    s.settle()
+    assert len(s.prefills[0].requests) == 3  # one prefill leg per pair tried
+    assert s.metrics()["pdfabric_proxy_decode_failures_total"] == 1
+    assert "closed the connection" in s.instance("d0")["last_error"]
+
+
+def test_unreachable_decode_engine_is_retried_then_marked_down(make_stack: MakeStack) -> None:
+    s = make_stack(prefills=1, decodes=2, health_interval_s=60)
+    wait_until(lambda: all(e.health_checks for e in s.engines), what="first health probes")
+    s.stop_engine(s.decodes[0])
+    for _ in range(3):
+        r = s.complete(LONG_PROMPT)
+        assert r.status_code == 200 and r.headers["x-pdfabric-decode"] == "d1"
+    d0 = s.instance("d0")
+    assert not d0["healthy"] and "unreachable" in d0["last_error"]
+    assert s.metrics()["pdfabric_proxy_decode_failures_total"] == 1  # then no longer chosen
+
+
+def test_every_decode_attempt_failing_is_a_502_naming_the_engine(make_stack: MakeStack) -> None:
+    s = make_stack(prefills=1, decodes=2, health_interval_s=60, decode_attempts=2)
+    for d in s.decodes:
+        d.faults.cut_after = 0
+    err = assert_openai_error(s.complete(LONG_PROMPT), 502)
+    assert "closed the connection" in err["message"] and err["type"] == "upstream_error"
+    assert [len(d.requests) for d in s.decodes] == [1, 1]
+    assert s.metrics()["pdfabric_proxy_decode_failures_total"] == 2
 
 
 def test_raw_socket_hang_up_mid_stream(make_stack: MakeStack) -> None:
@@ -191,6 +247,6 @@ def test_the_leg_timeout_bounds_silence_not_a_whole_stream(make_stack: MakeStack
     assert events[-1] == "[DONE]" and len(events) == 11
     # a decode engine silent for longer than the leg timeout is given up
     s.decodes[0].faults.first_token_delay_s = 0.6
-    err = assert_openai_error(s.complete(stream=True), 502)
-    assert "timed out" in err["message"]
+    err = assert_openai_error(s.complete(stream=True), 504)  # Rule 5: not retried (it may be busy)
+    assert "timed out" in err["message"] and len(s.decodes[0].requests) == 2
     assert s.instance("d0")["healthy"]  # slow is not down

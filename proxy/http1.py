@@ -237,12 +237,13 @@ class Client:
             base = self._bases[url] = (key, u.path.rstrip("/"), host)
         return base
 
-    async def post(self, url: str, path: str, body: bytes) -> Response:
-        """POST ``body`` (JSON) to ``url + path``; the answer once its headers arrived."""
+    async def post(self, url: str, path: str, body: bytes, headers: bytes = b"") -> Response:
+        """POST ``body`` (JSON) to ``url + path``; the answer once its headers arrived.
+        ``headers``: extra header lines, each ending in CRLF, already checked by the caller."""
         key, prefix, host = self._base(url)
         head = (b"POST " + (prefix + path).encode("latin-1") + b" HTTP/1.1\r\nHost: " + host
-                + b"\r\nAccept-Encoding: identity\r\nContent-Type: application/json\r\nContent-Length: "
-                + str(len(body)).encode() + b"\r\n\r\n")
+                + b"\r\nAccept-Encoding: identity\r\nContent-Type: application/json\r\n" + headers
+                + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
         conn = await self._acquire(key)
         return await self._exchange(key, conn, head + body)
 

@@ -9,6 +9,7 @@ retries on another prefill engine or sends the request to the decode engine alon
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import os
 from dataclasses import dataclass, field
@@ -47,6 +48,22 @@ def decode_json(raw: bytes) -> Any:
 
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+# headers of the client's request passed on to both legs (tracing and request ids), set per
+# request by the route (a context variable: the legs' tasks inherit it)
+FORWARDED = ("x-request-id", "traceparent", "tracestate", "baggage")
+forward_headers: contextvars.ContextVar[bytes] = contextvars.ContextVar("forward_headers", default=b"")
+
+
+def forwarded(headers: Any) -> bytes:
+    """The header lines to pass on from a client's request headers (a multidict)."""
+    out = b""
+    for name in FORWARDED:
+        value = headers.get(name)
+        if value is not None and "\r" not in value and "\n" not in value:
+            out += name.encode() + b": " + value.encode("latin-1", "replace") + b"\r\n"
+    return out
 
 
 class LegFailed(Exception):
@@ -117,7 +134,7 @@ class Upstream:
     async def post_json(self, inst: Instance, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A non-streaming leg (the prefill leg): the engine's JSON answer or ``LegFailed``."""
         try:
-            resp = await self.http.post(inst.url, path, encode_json(body))
+            resp = await self.http.post(inst.url, path, encode_json(body), forward_headers.get())
             data = await resp.read()
             if resp.status != 200:
                 raise LegFailed(inst, f"HTTP {resp.status}: {data[:300].decode(errors='replace')}")
@@ -135,7 +152,7 @@ class Upstream:
     async def open(self, inst: Instance, path: str, body: dict[str, Any], stream: bool) -> Opened:
         """Start a leg whose answer goes to the client: headers plus its first bytes."""
         try:
-            resp = await self.http.post(inst.url, path, encode_json(body))
+            resp = await self.http.post(inst.url, path, encode_json(body), forward_headers.get())
         except asyncio.TimeoutError:  # first: see post_json
             raise LegFailed(inst, "timed out", timed_out=True) from None
         except OSError as e:

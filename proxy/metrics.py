@@ -21,6 +21,8 @@ def render(proxy: "Proxy") -> str:
     lines += [
         "# TYPE pdfabric_proxy_prefill_failures_total counter",
         f"pdfabric_proxy_prefill_failures_total {c['prefill_failures']}",
+        "# TYPE pdfabric_proxy_prefill_failures_late_total counter",
+        f"pdfabric_proxy_prefill_failures_late_total {c['prefill_failures_late']}",
         "# TYPE pdfabric_proxy_decode_failures_total counter",
         f"pdfabric_proxy_decode_failures_total {c['decode_failures']}",
         "# TYPE pdfabric_proxy_streams_broken_total counter",

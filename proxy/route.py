@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from pdfabric.proxy.instances import Instance
-from pdfabric.proxy.legs import LegFailed, Opened, decode_body, encode_json, new_transfer_id, prefill_body
+from pdfabric.proxy.legs import (LegFailed, Opened, decode_body, encode_json, forward_headers, forwarded,
+                                 new_transfer_id, prefill_body)
 
 if TYPE_CHECKING:
     from pdfabric.proxy.server import Proxy
@@ -47,6 +48,8 @@ async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: b
     from pdfabric.proxy.server import HTTPProblem
 
     settings = proxy.settings
+    forward_headers.set(forwarded(request.headers))  # set every time: a keep-alive connection's next
+    # request may run in the same context
     tried: set[str] = set()  # instances (either role) that failed this request
     reason = ""  # why the last prefill leg failed
     prefill_tries = decode_failures = 0
@@ -170,7 +173,7 @@ async def _disaggregated(proxy: "Proxy", p: Instance, d: Instance, path: str, ch
             d_task.result().release()  # it opened just as this request was cancelled
             d_task.result().resp.close()
         raise
-    p_task.add_done_callback(_quiet)
+    p_task.add_done_callback(_late_failure(proxy))
     if not p_task.done():
         opened.prefill = p_task  # Rule 3: still open; cancelled if the client hangs up
     opened.headers["x-pdfabric-transfer-id"] = tid
@@ -194,9 +197,14 @@ async def _first_done(a: "asyncio.Task[Any]", b: "asyncio.Task[Any]") -> None:
         b.remove_done_callback(wake)
 
 
-def _quiet(t: "asyncio.Task[Any]") -> None:
-    if not t.cancelled() and t.exception() is not None:
-        log.warning("pdfabric proxy: prefill leg failed after the decode leg answered: %s", t.exception())
+def _late_failure(proxy: "Proxy") -> Any:
+    def done(t: "asyncio.Task[Any]") -> None:
+        if not t.cancelled() and t.exception() is not None:
+            # the decode engine answers anyway (it recomputes when the KV never came): counted
+            proxy.stats.counters["prefill_failures_late"] += 1
+            log.warning("pdfabric proxy: prefill leg failed after the decode leg answered: %s", t.exception())
+
+    return done
 
 
 async def _prefill(proxy: "Proxy", p: Instance, path: str, body: dict[str, Any], tokens: int) -> dict[str, Any]:

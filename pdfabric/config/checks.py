@@ -118,6 +118,7 @@ def _bound_ports(topo: Topology) -> list[tuple[str, str, int]]:
             ports.append((f"instances[{i}].control_port", inst.host, inst.control_port))
     if topo.cache is not None and topo.cache.server is not None:
         ports.append(("cache.server.port", topo.cache.server.host, topo.cache.server.port))
+        ports.append(("cache.server.http_port", topo.cache.server.host, topo.cache.server.http))
     ports.append(("proxy.port", topo.proxy.host, topo.proxy.port))
     return ports
 

@@ -377,10 +377,17 @@ CacheTier = Annotated[Union[MemoryTier, DiskTier, RedisTier, S3Tier], Field(disc
 
 
 class CacheServer(_Frozen):
-    """The cache-server daemon that owns L1/L2 for a host."""
+    """The cache-server daemon that owns L1/L2 for a host: engines on ``port`` (ZMQ),
+    ``/health``, ``/metrics`` and the admin API on ``http_port`` (default ``port + 1``)."""
 
     host: Host = "127.0.0.1"
     port: Port
+    http_port: Port | None = None
+    lease_ttl_s: Seconds = 60.0
+
+    @property
+    def http(self) -> int:
+        return self.http_port if self.http_port is not None else self.port + 1
 
 
 class CacheConfig(_Frozen):

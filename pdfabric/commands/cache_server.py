@@ -1,0 +1,119 @@
+"""``pdfabric cache-server``: the host's shared KV cache for every engine on it.
+
+From a topology's ``cache`` section (``--topology FILE``; its ``cache.server`` gives host and
+ports) or from flags::
+
+    pdfabric cache-server --port 8300 --memory 4GiB --disk /var/cache/pdfabric --disk-size 50GiB \\
+        --redis redis://127.0.0.1:6379/0
+
+Prints one line once it listens; SIGINT/SIGTERM stop it (the disk tier stays for the next
+start). Exits 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from typing import Any
+
+__all__ = ["register", "config_from_args"]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("cache-server", help="run the host's shared KV cache server",
+                              description="Serve the tiered KV cache (memory, disk, redis, s3) to the engines of this host.")
+    p.add_argument("--topology", metavar="FILE", help="topology YAML with a cache section")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="engines' port (ZMQ); 0 picks a free one")
+    p.add_argument("--http-port", type=int, dest="http_port", help="/health, /metrics, admin API (default port+1)")
+    p.add_argument("--memory", metavar="SIZE", help="L1 size, e.g. 4GiB")
+    p.add_argument("--disk", metavar="DIR", help="L2 directory")
+    p.add_argument("--disk-size", metavar="SIZE", dest="disk_size", help="L2 size bound (default 10GiB)")
+    p.add_argument("--redis", metavar="URL", help="L3 Redis/Valkey URL")
+    p.add_argument("--chunk-tokens", type=int, dest="chunk_tokens", help="tokens per chunk (default 256)")
+    p.add_argument("--lease-ttl", type=float, dest="lease_ttl", metavar="SECONDS",
+                   help="pins of a client that died end after this (default 60)")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str | None]:
+    """(CacheConfig, service options, base dir for relative paths); ``ConfigError`` on bad input."""
+    from pdfabric.config import load_topology
+    from pdfabric.config.models import CacheConfig
+    from pdfabric.errors import ConfigError
+
+    opts: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "http_port": None, "lease_ttl_s": 60.0}
+    base: str | None = None
+    flags_tiers = [x for x in (args.memory, args.disk, args.redis) if x]
+    if args.topology:
+        if flags_tiers:
+            raise ConfigError("give the tiers either in --topology's cache section or as flags, not both")
+        topo = load_topology(args.topology)
+        if topo.cache is None:
+            raise ConfigError(f"{args.topology} has no cache section", path="cache")
+        config = topo.cache
+        base = topo._base_dir
+        if config.server is not None:
+            srv = config.server
+            opts.update(host=srv.host, port=srv.port, http_port=srv.http, lease_ttl_s=srv.lease_ttl_s)
+    else:
+        if not args.memory:
+            raise ConfigError("--memory SIZE is required (L1: engines read and write through it)", path="--memory")
+        tiers: list[dict[str, Any]] = [{"kind": "memory", "size": args.memory}]
+        if args.disk:
+            tiers.append({"kind": "disk", "path": args.disk, "size": args.disk_size or "10GiB"})
+        elif args.disk_size:
+            raise ConfigError("--disk-size needs --disk DIR", path="--disk-size")
+        if args.redis:
+            tiers.append({"kind": "redis", "url": args.redis})
+        data: dict[str, Any] = {"tiers": tiers}
+        if args.chunk_tokens is not None:
+            data["chunk_tokens"] = args.chunk_tokens
+        from pydantic import ValidationError
+
+        try:
+            config = CacheConfig.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise ConfigError(f"{first['msg']}", path=where) from None
+    for key, flag in (("host", args.host), ("port", args.port), ("http_port", args.http_port),
+                      ("lease_ttl_s", args.lease_ttl)):
+        if flag is not None:
+            opts[key] = flag
+    if opts["http_port"] is None:
+        opts["http_port"] = opts["port"] + 1 if opts["port"] else 0
+    return config, opts, base
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdfabric.errors import ConfigError
+
+    try:
+        config, opts, base = config_from_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import logging
+
+    from pdfabric.cache.server import CacheService
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    svc = CacheService(config, base_dir=base, **opts)
+    try:
+        svc.start()
+    except Exception as e:  # a port in use, /dev/shm missing
+        print(f"error: cannot start the cache server on {opts['host']}:{opts['port']}: {e}", file=sys.stderr)
+        svc.stop()
+        return 2
+    kinds = " -> ".join(t.kind for t in config.tiers)
+    print(f"pdfabric cache-server on tcp://{svc.host}:{svc.port} (http://{svc.host}:{svc.http_port}); "
+          f"tiers {kinds}; {config.chunk_tokens}-token chunks", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    svc.stop()
+    return 0

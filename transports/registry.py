@@ -18,7 +18,8 @@ TRANSPORTS: dict[str, tuple[str, str, str]] = {
     "tcp": ("pdfabric.transports.tcp", "TcpTransport", ""),
     "shm": ("pdfabric.transports.shm", "ShmTransport", ""),
     "loopback": ("pdfabric.transports.loopback", "LoopbackTransport", ""),
-    "nixl": ("pdfabric.transports.nixl", "NixlTransport", "pip install 'pdfabric[nixl]'"),
+    "nixl": ("pdfabric.transports.nixl", "NixlTransport",
+             "pip install --no-deps nixl nixl-cu12 nixl-cu13 (or pip install 'pdfabric[nixl]')"),
     "ucx": ("pdfabric.transports.ucx", "UcxTransport", "pip install 'pdfabric[ucx]'"),
     "cuda_ipc": ("pdfabric.transports.cuda_ipc", "CudaIpcTransport", "pip install 'pdfabric[cuda]' on a CUDA machine"),
 }

@@ -1,7 +1,7 @@
 """The receiving process of the transfer benchmark: a conformance peer plus baselines.
 
 Extra requests beyond ``pdfabric.testing.peer``: timed receive loops, a raw TCP socket
-receiver, and a shared-memory segment for the single-copy baseline.
+receiver, a shared-memory segment for the single-copy baseline, and a raw NIXL agent.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class BenchChild(Child):
         self._raw: socket.socket | None = None
         self._raw_thread: threading.Thread | None = None
         self._shm: shared_memory.SharedMemory | None = None
+        self._raw_nixl: Any = None
 
     def grant_many(self, tids: list[str], regions: list[list[int]]) -> dict[str, Any]:
         rs = [Region(a, n) for a, n in regions]
@@ -84,6 +85,13 @@ class BenchChild(Child):
         assert self._shm is not None
         return {"first": int(self._shm.buf[0]), "last": int(self._shm.buf[size - 1])}
 
+    def raw_nixl_listen(self, size: int) -> dict[str, Any]:
+        """A plain NIXL agent with one registered destination pool of ``size`` bytes."""
+        from pdfabric.bench.raw_nixl import RawNixlReceiver
+
+        self._raw_nixl = RawNixlReceiver(size)
+        return self._raw_nixl.describe()
+
     def close_extras(self) -> dict[str, Any]:
         if self._raw is not None:
             self._raw.close()
@@ -93,6 +101,9 @@ class BenchChild(Child):
             self._shm.close()
             self._shm.unlink()
             self._shm = None
+        if self._raw_nixl is not None:
+            self._raw_nixl.close()
+            self._raw_nixl = None
         return {}
 
 

@@ -12,8 +12,12 @@ Baselines, measured in the same run on the same sizes:
 - ``memcpy``: single-thread ``numpy.copyto`` of ``size`` contiguous bytes in-process;
 - ``raw_socket``: a plain Python TCP socket, ``sendall`` of one contiguous buffer to a
   child that ``recv_into``s it and acks one byte;
-- ``shm_copy``: one copy into a shared-memory segment the child mapped.
-Ratios: network transports against ``raw_socket``, same-host ones against ``memcpy``.
+- ``shm_copy``: one copy into a shared-memory segment the child mapped;
+- ``raw_nixl``: the same scattered blocks written straight through ``nixl_agent`` to a
+  child's agent (``pdfabric.bench.raw_nixl``; prepared lists, WRITE, poll to DONE).
+Ratios: ``nixl`` against ``raw_nixl`` (block workloads; also in ``ratio_to_raw_nixl``),
+other network transports against ``raw_socket``, same-host ones against ``memcpy``. Every
+row also carries ``ratio_to_memcpy``, against the memcpy measured on its own at the end.
 Latency: one 4 KiB block, one-way (write -> receiver's ``wait_recv`` returns, on the shared
 monotonic clock), against the raw socket's half round trip with 4 KiB each way.
 """
@@ -66,6 +70,8 @@ class Row:
     # gbps over the same baseline measured on its own at the end of the run (the stricter
     # of the two comparisons when the interleaved baseline was slowed by the machine)
     ratio_reference: float | None = None
+    ratio_to_raw_nixl: float | None = None  # nixl rows: gbps over the interleaved raw NIXL
+    ratio_to_memcpy: float | None = None  # gbps over single-thread memcpy (run's reference)
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -89,6 +95,7 @@ class TransferBench:
         self._transports: list[Transport] = []
         self._keep: list[np.ndarray] = []
         self.ack_half_rtt: list[float] = []
+        self.last_blocks: tuple[int, np.ndarray, np.ndarray] | None = None  # block, src ids, dst ids
 
     def close(self) -> None:
         for t in self._transports:
@@ -103,7 +110,7 @@ class TransferBench:
 
     # -- baselines (each an object whose round() is interleaved with the transport's) --
     def baseline(self, kind: str, size: int, echo: bool = False) -> "Baseline":
-        cls = {"memcpy": Memcpy, "raw_socket": RawSocket, "shm_copy": ShmCopy}[kind]
+        cls = {"memcpy": Memcpy, "raw_socket": RawSocket, "shm_copy": ShmCopy, "raw_nixl": RawNixl}[kind]
         return cls(self, size, echo)
 
     # -- transports ----------------------------------------------------------------------
@@ -129,6 +136,7 @@ class TransferBench:
         n = max(1, size // block)
         s_ids = self.rng.permutation(2 * n)[:n]
         d_ids = self.rng.permutation(2 * n)[:n]
+        self.last_blocks = (block, s_ids, d_ids)
         src = [Region(src_base + int(i) * block, block) for i in s_ids]
         dsts = [[dst_base + int(j) * block, block] for j in d_ids]
         return src, dsts
@@ -243,6 +251,8 @@ def run_benchmark(
         for name in transports:
             t, child, peer = bench.open_transport(name, (options or {}).get(name, {}))
             kind = "memcpy" if name in SAME_HOST else "raw_socket"
+            if name == "nixl":
+                kind = "raw_nixl" if workload == "blocks" else "memcpy"
             for size in sizes:
                 if workload == "blocks":
                     src_base, dst_base = bench.pools(t, child, size)
@@ -270,6 +280,11 @@ def run_benchmark(
         ref = baselines.get(r.baseline, {}).get(format_size(r.total_bytes))
         if ref:
             r.ratio_reference = r.gbps / ref
+        mc = baselines.get("memcpy", {}).get(format_size(r.total_bytes))
+        if mc and r.workload != "latency":
+            r.ratio_to_memcpy = r.gbps / mc
+        if r.baseline == "raw_nixl":
+            r.ratio_to_raw_nixl = r.ratio
     return {
         "benchmark": "transfer_bandwidth",
         "meta": {
@@ -343,6 +358,35 @@ class ShmCopy(Baseline):
         finally:
             del self.view
             self.shm.close()
+            self.child.request("close_extras")
+            self.child.close()
+
+
+class RawNixl(Baseline):
+    """The benchmark's last block plan, written straight through ``nixl_agent`` to a child."""
+
+    def __init__(self, bench: TransferBench, size: int, echo: bool = False) -> None:
+        from pdfabric.bench.raw_nixl import RawNixlSender
+
+        super().__init__(bench, size)
+        assert bench.last_blocks is not None, "raw_nixl needs a block plan (--workload blocks)"
+        block, s_ids, d_ids = bench.last_blocks
+        pool = 2 * len(s_ids) * block
+        self.child = PeerProcess("loopback", {}, module=_CHILD, timeout=120)
+        try:
+            remote = self.child.request("raw_nixl_listen", size=pool)
+            self.sender = RawNixlSender(remote, pool, block, s_ids, d_ids)
+        except BaseException:
+            self.child.close()
+            raise
+
+    def round(self) -> float:
+        return self.sender.round()
+
+    def close(self) -> None:
+        try:
+            self.sender.close()
+        finally:
             self.child.request("close_extras")
             self.child.close()
 

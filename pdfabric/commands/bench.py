@@ -47,7 +47,8 @@ def _table(doc: dict[str, Any]) -> Any:
     from pdfabric.units import format_size
 
     t = Table(title=f"pdfabric transfer benchmark (median of {doc['meta']['rounds']} rounds)")
-    for col in ("transport", "workload", "block", "total", "GB/s", "baseline", "base GB/s", "ratio", "ref ratio", "p50 us", "p99 us"):
+    for col in ("transport", "workload", "block", "total", "GB/s", "baseline", "base GB/s", "ratio", "ref ratio",
+                "vs memcpy", "p50 us", "p99 us"):  # fmt: skip
         t.add_column(col, justify="left" if col in ("transport", "workload", "baseline") else "right")
     for r in doc["results"]:
         lat = r["workload"] == "latency"
@@ -56,6 +57,7 @@ def _table(doc: dict[str, Any]) -> Any:
             "-" if lat else f"{r['gbps']:.2f}", r["baseline"], "-" if lat else f"{r['baseline_gbps']:.2f}",
             f"{r['ratio']:.2f}" if not lat else f"{r['baseline_gbps'] / r['gbps']:.2f}x slower",
             "-" if lat or r.get("ratio_reference") is None else f"{r['ratio_reference']:.2f}",
+            "-" if r.get("ratio_to_memcpy") is None else f"{r['ratio_to_memcpy']:.2f}",
             f"{r['p50_us']:.1f}", f"{r['p99_us']:.1f}",
         )  # fmt: skip
     return t
@@ -117,7 +119,7 @@ def run_transfer(args: argparse.Namespace) -> int:
             err.print(f"error: {e}")
             return 1
     out = Console()
-    out.width = max(out.width, 150)  # the table has eleven columns; do not squeeze them
+    out.width = max(out.width, 160)  # the table has twelve columns; do not squeeze them
     out.print(_table(doc))
     if args.json:
         with open(args.json, "w") as f:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROW_KEYS = {"transport", "block_size", "total_bytes", "gbps", "baseline", "baseline_gbps", "ratio", "p50_us", "p99_us"}
 
@@ -38,6 +41,21 @@ def test_bench_transfer_small_run_writes_json_and_table(tmp_path: Path) -> None:
     assert {x["baseline"] for x in bw if x["transport"] == "shm"} == {"memcpy"}
     assert {x["transport"] for x in rows if x["workload"] == "latency"} == {"tcp", "shm"}
     assert set(doc["baselines"]) == {"memcpy", "raw_socket", "shm_copy"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nixl") is None, reason="nixl is not installed (pip install --no-deps nixl nixl-cu12 nixl-cu13)")
+def test_bench_nixl_rows_are_compared_with_raw_nixl_and_memcpy(tmp_path: Path) -> None:
+    out = tmp_path / "nixl.json"
+    r = _run("bench", "transfer", "--transport", "nixl", "--size", "2MiB", "--block-size", "256KiB",
+             "--rounds", "3", "--latency-iters", "10", "--json", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "raw_nixl" in r.stdout and "vs memcpy" in r.stdout
+    doc = json.loads(out.read_text())
+    (bw,) = [x for x in doc["results"] if x["workload"] == "blocks"]
+    assert bw["transport"] == "nixl" and bw["baseline"] == "raw_nixl" and bw["gbps"] > 0
+    assert bw["ratio_to_raw_nixl"] == bw["ratio"] and bw["ratio_to_memcpy"] > 0
+    (lat,) = [x for x in doc["results"] if x["workload"] == "latency"]
+    assert lat["ratio_to_raw_nixl"] is None
 
 
 def test_bench_kv_workload_uses_real_geometry(tmp_path: Path) -> None:

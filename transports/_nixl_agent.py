@@ -1,0 +1,316 @@
+"""Plumbing of the ``nixl`` transport: the thread that owns a NIXL agent, process watching,
+and the boundary where NIXL's exceptions become ours.
+
+``AgentThread`` runs every NIXL call of one agent on one thread (NIXL agents made without a
+listener thread have no internal locking). Other threads ``submit`` work (fire and forget)
+or ``call`` it (wait for the result). Between commands the thread runs ``step()`` and, when
+that found nothing to do, sleeps for an interval that grows by half each idle round up to
+``cap()`` - and wakes at once on new work (an eventfd) or when its ``Doorbell`` rings.
+
+NIXL offers no file descriptor to wait on for notifications, so a sleeping agent would
+only see them at its next poll. A ``Doorbell`` is an abstract Unix datagram socket: a
+same-host peer sends one byte to it right after each notification, so the receiving
+thread can sleep in ``poll()`` and still answer within a wake-up. Peers on other hosts (or
+network namespaces) cannot ring; they are polled for instead.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import ctypes
+import functools
+import logging
+import os
+import queue
+import select
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import nixl  # noqa: F401 - an ImportError here is how the registry learns nixl is missing
+import nixl._bindings as nb
+from nixl._api import nixl_agent, nixl_agent_config
+
+from pdfabric.errors import PeerGone, TransportClosed, TransportError, TransportUnavailable
+
+__all__ = [
+    "NIXL_ERRORS",
+    "AgentThread",
+    "Doorbell",
+    "PidWatch",
+    "make_agent",
+    "as_text",
+    "empty_reg_list",
+    "nixl_error",
+    "why",
+    "proc_start",
+    "memory_kind",
+]
+
+log = logging.getLogger("pdfabric.transports")
+
+NIXL_ERRORS: tuple[type[BaseException], ...] = tuple(
+    getattr(nb, n) for n in dir(nb) if n.startswith("nixl") and n.endswith("Error")
+)
+_CALL_S = 60.0
+
+
+def make_agent(name: str, backend: str, progress_thread: bool, error_handling: str) -> Any:
+    """A NIXL agent with one backend; TransportUnavailable when NIXL cannot start it."""
+    _route_nixl_logs()
+    try:
+        agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=progress_thread, backends=[]))
+        agent.create_backend(backend, {"ucx_error_handling_mode": error_handling})
+    except NIXL_ERRORS + (RuntimeError,) as e:
+        raise TransportUnavailable(f"NIXL could not start a {backend} agent: {why(e)}", transport="nixl") from e
+    return agent
+
+
+def empty_reg_list() -> Any:
+    """An empty registration list (for connection-only metadata)."""
+    return nb.nixlRegDList(nb.DRAM_SEG)
+
+
+class AgentThread:
+    """The one thread that calls into an agent; see the module docstring."""
+
+    def __init__(self, name: str, step: Callable[[], bool], cap: Callable[[], float], hot_s: float, bell: "Doorbell") -> None:
+        self._step, self._cap, self._hot_s, self._bell = step, cap, hot_s, bell
+        self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self._efd, select.POLLIN)
+        self._poll.register(bell.fileno(), select.POLLIN)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def wake(self) -> None:
+        try:
+            os.eventfd_write(self._efd, 1)
+        except OSError:  # closed: the thread is gone
+            pass
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._cmds.put(fn)
+        self.wake()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the thread; return its result or raise its error."""
+        if threading.current_thread() is self.thread:
+            return fn()
+        fut: cf.Future[Any] = cf.Future()
+
+        def run() -> None:
+            if self.stopping:
+                fut.set_exception(TransportClosed("transport closed", transport="nixl"))
+                return
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # handed to the caller
+                fut.set_exception(e)
+
+        self.submit(run)
+        deadline = time.monotonic() + _CALL_S
+        while True:
+            try:
+                return fut.result(0.5)
+            except cf.TimeoutError:
+                if not self.thread.is_alive() or time.monotonic() > deadline:
+                    raise TransportClosed("the transport's NIXL thread is not running", transport="nixl") from None
+
+    def stop(self, last: Callable[[], None], timeout: float) -> bool:
+        """Run ``last`` on the thread, then end it; True when it ended within ``timeout``."""
+
+        def final() -> None:
+            self.stopping = True
+            last()
+
+        self.submit(final)
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            return False
+        os.close(self._efd)
+        return True
+
+    def _run(self) -> None:
+        interval = self._hot_s
+        while True:
+            busy = self._drain()
+            if self.stopping:
+                break
+            try:
+                busy |= self._step()
+            except Exception:  # one bad message must not stop the data path
+                log.exception("nixl: unexpected error on the NIXL thread")
+            if busy:
+                interval = self._hot_s
+                continue
+            interval = min(self._cap(), interval * 1.5)
+            if self._sleep(interval):
+                interval = self._hot_s  # rung: what it announced may still be on its way
+        self._drain()  # commands queued meanwhile see ``stopping`` and fail fast
+
+    def _sleep(self, seconds: float) -> bool:
+        """Until woken, rung, or ``seconds`` passed. select() takes microseconds; poll()
+        (milliseconds) only for descriptors select() cannot take."""
+        fds = (self._efd, self._bell.fileno())
+        if max(fds) < 1024:
+            ready = bool(select.select(fds, (), (), seconds)[0])
+        else:
+            ready = bool(self._poll.poll(max(1.0, seconds * 1e3)))
+        if ready:
+            try:
+                os.eventfd_read(self._efd)
+            except BlockingIOError:
+                pass
+            self._bell.drain()
+        return ready
+
+    def _drain(self) -> bool:
+        ran = False
+        while True:
+            try:
+                fn = self._cmds.get_nowait()
+            except queue.Empty:
+                return ran
+            ran = True
+            try:
+                fn()
+            except Exception:
+                log.exception("nixl: command failed on the NIXL thread")
+
+
+class Doorbell:
+    """An abstract Unix datagram socket peers on this host ring after each notification."""
+
+    def __init__(self, tag: str) -> None:
+        self.name = f"pdfabric-nixl-{tag}"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        self._sock.bind("\0" + self.name)
+        self.netns = _namespace("net")
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def ring(self, name: str) -> None:
+        try:
+            self._sock.sendto(b"!", "\0" + name)
+        except OSError:  # full (it is awake anyway) or gone (its death is noticed elsewhere)
+            pass
+
+    def drain(self) -> None:
+        try:
+            while self._sock.recv(64):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class PidWatch:
+    """pidfds of same-host peer processes; ``exited()`` lists the keys whose process ended.
+
+    Only used within one pid namespace, and the process start time guards against a pid
+    that was reused."""
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._keys: dict[int, object] = {}
+        self.namespace = _namespace("pid")
+
+    def add(self, key: object, pid: int, start: int) -> int | None:
+        """Watch ``pid``; None (nothing watched) when it is no longer that process."""
+        try:
+            fd = os.pidfd_open(pid)
+        except (OSError, AttributeError):
+            return None
+        if proc_start(pid) != start:
+            os.close(fd)
+            return None
+        self._poll.register(fd, select.POLLIN)
+        self._keys[fd] = key
+        return fd
+
+    def remove(self, fd: int) -> None:
+        if self._keys.pop(fd, None) is not None:
+            self._poll.unregister(fd)
+            os.close(fd)
+
+    def exited(self) -> list[object]:
+        if not self._keys:
+            return []
+        return [self._keys[fd] for fd, _ in self._poll.poll(0) if fd in self._keys]
+
+
+def why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def as_text(name: str | bytes) -> str:
+    """An agent name as NIXL returns it (bytes from add_remote_agent) -> str."""
+    return name.decode() if isinstance(name, bytes) else name
+
+
+def nixl_error(e: BaseException, what: str) -> TransportError:
+    """A NIXL exception as one of ours (wrapped here, once)."""
+    if isinstance(e, nb.nixlRemoteDisconnectError):
+        return PeerGone(f"{what}: the peer disconnected ({why(e)})", transport="nixl")
+    return TransportError(f"{what}: {why(e)}", transport="nixl")
+
+
+@functools.cache
+def _route_nixl_logs() -> None:
+    """NIXL's Python wrapper logs INFO lines to *stdout*, which corrupts stdout protocols
+    (child peers, JSON output); its records go through the root logger instead."""
+    lg = logging.getLogger("nixl")
+    for h in list(lg.handlers):
+        if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stdout:
+            lg.removeHandler(h)
+    lg.propagate = True
+    lg.setLevel(logging.WARNING)
+
+
+def _namespace(kind: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/ns/{kind}")
+    except OSError:
+        return ""
+
+
+def proc_start(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (None when it does not exist)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@functools.cache
+def _libcuda() -> Any:
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    lib.cuPointerGetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
+    return lib if lib.cuInit(0) == 0 else None
+
+
+def memory_kind(addr: int) -> tuple[int, int]:
+    """(0, 0) for host memory; (1, device ordinal) for CUDA device memory."""
+    lib = _libcuda()
+    if lib is None:
+        return 0, 0
+    mtype, dev = ctypes.c_uint(0), ctypes.c_int(0)
+    # CU_POINTER_ATTRIBUTE_MEMORY_TYPE (2) == CU_MEMORYTYPE_DEVICE (2)
+    if lib.cuPointerGetAttribute(ctypes.byref(mtype), 2, addr) != 0 or mtype.value != 2:
+        return 0, 0
+    lib.cuPointerGetAttribute(ctypes.byref(dev), 9, addr)  # CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
+    return 1, dev.value

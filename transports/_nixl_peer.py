@@ -1,0 +1,65 @@
+"""Per-peer state of the ``nixl`` transport (both roles); owned by the NIXL thread except
+``Peer.tids``, which ``write`` checks under the transport's lock."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pdfabric.errors import TransportError
+
+from ._nixl_dlists import DlistCache, RegSet
+from .base import TransferHandle
+
+__all__ = ["Peer", "Write", "Approval"]
+
+
+@dataclass(eq=False)
+class Write:
+    """One write on the sender: Asked, prepared while the answer travels, posted on AskOk,
+    complete when NIXL reports the WRITE done."""
+
+    seq: int
+    handle: TransferHandle
+    peer: "Peer"
+    pieces: np.ndarray
+    segs: bytes
+    notify: bytes
+    xfer: Any = None
+    own_lists: tuple[Any, ...] = ()  # prepared only for this write; released with it
+
+
+@dataclass(eq=False)
+class Approval:
+    """A write we allowed a peer to make into one grant, until its Done."""
+
+    tid: str
+    token: object
+    nbytes: int
+    digest: bytes
+
+
+@dataclass(eq=False)
+class Peer:
+    """A remote agent, in either role: we write to it, it writes to us, or both."""
+
+    agent: str
+    label: str
+    last_heard: float
+    last_ping: float = 0.0
+    pidfd: int | None = None
+    bell: str = ""  # its doorbell, when it can be rung from here
+    gone: TransportError | None = None
+    said_hello: bool = False  # it wrote Hello to us: it may Ask
+    regs: RegSet | None = None  # its registrations, when we write to it
+    lists: DlistCache | None = None
+    hello: cf.Future[None] | None = None
+    writes: dict[int, Write] = field(default_factory=dict)
+    tids: set[str] = field(default_factory=set)  # guarded by the transport's lock
+    approved: dict[int, Approval] = field(default_factory=dict)
+
+    def owes(self) -> bool:
+        return bool(self.writes or self.approved or (self.hello is not None and not self.hello.done()))

@@ -83,3 +83,18 @@ def first_group(block_ids: Any) -> list[int]:
             )
         return list(block_ids[0])
     return list(block_ids)
+
+
+def kv_dtype(vllm_config: Any) -> Any:
+    """The torch dtype of the KV cache: the model's for ``cache_dtype: auto``."""
+    import torch
+
+    name = str(vllm_config.cache_config.cache_dtype)
+    if name == "auto":
+        dt = vllm_config.model_config.dtype
+        return dt if isinstance(dt, torch.dtype) else getattr(torch, str(dt).replace("torch.", ""))
+    try:
+        from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+    except ImportError:  # older layout
+        from vllm.utils import STR_DTYPE_TO_TORCH_DTYPE  # type: ignore[no-redef]
+    return STR_DTYPE_TO_TORCH_DTYPE[name]

@@ -122,8 +122,10 @@ class StepMeta:
     # (producer, transfer_id, reason): tell a producer we will not grant (aborted early)
     unsent_aborts: list[tuple[str, str, str]] = field(default_factory=list)
     heartbeats: dict[str, list[str]] = field(default_factory=dict)
+    cache_loads: list[Any] = field(default_factory=list)  # kvcache.CacheLoad
+    cache_stores: list[Any] = field(default_factory=list)  # kvcache.CacheStore
     idle: bool = False  # the engine computes nothing this step (a pure connector step)
 
     def empty(self) -> bool:
         return not (self.sends or self.recvs or self.finished_sends or self.aborted_recvs
-                    or self.unsent_aborts or self.heartbeats)
+                    or self.unsent_aborts or self.heartbeats or self.cache_loads or self.cache_stores)

@@ -20,7 +20,9 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable
 
+from pdfabric.cache.keys import ChunkKeyer
 from pdfabric.connector import compat
+from pdfabric.connector.kvcache import CacheLoad, CacheStore
 from pdfabric.connector.params import (
     Consume,
     FinishedSend,
@@ -37,6 +39,8 @@ from pdfabric.errors import ConfigError
 if TYPE_CHECKING:
     from vllm.v1.request import Request
 
+    from pdfabric.cache.client import CacheClient
+
 __all__ = ["FabricScheduler"]
 
 log = logging.getLogger("pdfabric.connector")
@@ -52,6 +56,8 @@ class FabricScheduler:
         block_size: int,
         block_ids_of: Callable[[str], list[int]],
         clock: Callable[[], float] = time.monotonic,
+        cache: "CacheClient | None" = None,
+        keyer: ChunkKeyer | None = None,
     ) -> None:
         self.settings = settings
         self.producer, self.consumer = producer, consumer
@@ -69,6 +75,12 @@ class FabricScheduler:
         self._held: set[str] = set()  # delay-freed producer requests
         self._meta = StepMeta()
         self._last_heartbeat = clock()
+        # the shared cache (None: off): lookups before computing, stores after
+        self.cache, self.keyer = cache, keyer
+        self._store = bool(cache is not None and settings.cache is not None and settings.cache.store)
+        self._lookups: dict[str, tuple[list[bytes], int]] = {}  # req -> (prompt chunk keys, cached chunks)
+        self._cache_plan: dict[str, tuple[int, int]] = {}  # req -> (local tokens, cached tokens)
+        self._loading: set[str] = set()  # cache loads in flight (without a producer transfer)
 
     # -- vLLM hooks --------------------------------------------------------------------
     def params(self, request: "Request") -> Produce | Consume | None:
@@ -93,30 +105,77 @@ class FabricScheduler:
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         p = self.params(request)
         rid = request.request_id
-        if not isinstance(p, Consume) or rid in self._receiving or rid in self._received:
+        if rid in self._receiving or rid in self._received or rid in self._loading:
             return 0, False
+        cached = self._cached_tokens(request)
+        if not isinstance(p, Consume):
+            if cached <= num_computed_tokens:
+                return 0, False
+            self._cache_plan[rid] = (num_computed_tokens, cached)
+            return cached - num_computed_tokens, True
         # every prompt token but the last: vLLM recomputes that one to sample the first output
         count = compat.prompt_len(request) - 1 - num_computed_tokens
         if count <= 0:
             return 0, False
         self._local_hit[rid] = num_computed_tokens
         self._waiting[rid] = p
+        if cached > num_computed_tokens:
+            self._cache_plan[rid] = (num_computed_tokens, cached)
         return count, True
+
+    def _cached_tokens(self, request: "Request") -> int:
+        """Leading prompt tokens (all but the last) whose KV the shared cache holds; asked
+        once per request (vLLM asks us again while a request waits for room)."""
+        if self.cache is None or self.keyer is None:
+            return 0
+        rid = request.request_id
+        if rid not in self._lookups:
+            tokens = request.prompt_token_ids or []
+            keys = self.keyer.keys(tokens[: compat.prompt_len(request) - 1])
+            n = self.cache.lookup(keys) if keys else 0
+            self.counters["cache_lookups"] += 1
+            self.counters["cache_lookup_chunks"] += len(keys)
+            self.counters["cache_hit_chunks"] += n
+            self._lookups[rid] = (keys, n)
+        return self._lookups[rid][1] * self.keyer.chunk_tokens
 
     def update_state_after_alloc(self, request: "Request", block_ids: list[int], num_external_tokens: int) -> None:
         p = self.params(request)
         rid = request.request_id
         if isinstance(p, Produce) and rid not in self._producing:
             self._producing[rid] = (p, request)
+        plan = self._cache_plan.pop(rid, None)
+        if num_external_tokens <= 0 or rid in self._receiving or rid in self._received or rid in self._loading:
             return
-        if not isinstance(p, Consume) or num_external_tokens <= 0 or rid in self._receiving or rid in self._received:
+        if not isinstance(p, Consume):
+            if plan is not None:
+                self._loading.add(rid)
+                self._meta.cache_loads.append(self._load(rid, plan, block_ids, with_transfer=False))
             return
         n_prompt = compat.prompt_len(request)
-        first = self._local_hit.pop(rid, 0) // self.block_size
+        local = self._local_hit.pop(rid, 0)
+        first = (plan[1] if plan is not None else local) // self.block_size
         need = -(-(n_prompt - 1) // self.block_size)
         self._waiting.pop(rid, None)
         self._receiving[rid] = p
-        self._meta.recvs.append(RecvReq(rid, p.transfer_id, p.producer, list(block_ids[first:need]), first, n_prompt))
+        if plan is not None:
+            self._meta.cache_loads.append(self._load(rid, plan, block_ids, with_transfer=first < need))
+        if first < need:
+            self._meta.recvs.append(RecvReq(rid, p.transfer_id, p.producer, list(block_ids[first:need]), first, n_prompt))
+        else:  # the cache had it all: the producer must not wait for a grant
+            self.counters["cache_skipped_transfers"] += 1
+            self._meta.unsent_aborts.append((p.producer, p.transfer_id, "the decode engine found the prompt in the cache"))
+
+    def _load(self, rid: str, plan: tuple[int, int], block_ids: list[int], *, with_transfer: bool) -> CacheLoad:
+        assert self.keyer is not None
+        local, cached = plan
+        ct, bpc = self.keyer.chunk_tokens, self.keyer.chunk_tokens // self.block_size
+        c0, c1 = local // ct, cached // ct
+        keys = self._lookups[rid][0][c0:c1]
+        self.counters["cache_loads"] += 1
+        self.counters["cache_loaded_tokens"] += cached - local
+        return CacheLoad(rid, keys, list(block_ids[c0 * bpc: c1 * bpc]), local // self.block_size - c0 * bpc,
+                         with_transfer)
 
     def build_meta(self, num_scheduled: dict[str, int]) -> StepMeta:
         for rid, (p, req) in self._producing.items():
@@ -152,26 +211,57 @@ class FabricScheduler:
             self._meta.unsent_aborts.append((waiting.producer, waiting.transfer_id, "the decode request ended before it was granted"))
         if self._receiving.pop(rid, None) is not None:
             self._meta.aborted_recvs.append(rid)
-        entry = self._producing.pop(rid, None)
-        if entry is None:
-            return False, None
-        p, _ = entry
+        self._loading.discard(rid)  # a load in flight still ends with finished_recving
+        self._cache_plan.pop(rid, None)
+        lookup = self._lookups.pop(rid, None)
         aborted = compat.is_aborted(request)
+        entry = self._producing.pop(rid, None)
+        push_held = entry is not None and bool(block_ids)
+        stored = False
+        if self._store and not aborted and block_ids:
+            stored = self._store_finished(request, block_ids, lookup, with_push=push_held)
+        if entry is None:
+            if stored:
+                self._held.add(rid)
+            return stored, None
+        p, _ = entry
         self._final_sent.discard(rid)
-        held = bool(block_ids)
-        self._meta.finished_sends.append(FinishedSend(rid, p.transfer_id, aborted, held))
-        if held:
+        self._meta.finished_sends.append(FinishedSend(rid, p.transfer_id, aborted, push_held))
+        if push_held or stored:
             self._held.add(rid)
         if aborted or self.settings.control_port is None:
-            return held, None
+            return push_held or stored, None
         addr = f"{_bracket(self.settings.advertise_host)}:{self.settings.control_port}"
-        return held, consume_params(p.transfer_id, addr, compat.prompt_len(request))
+        return push_held or stored, consume_params(p.transfer_id, addr, compat.prompt_len(request))
+
+    def _store_finished(self, request: "Request", block_ids: list[int], lookup: tuple[list[bytes], int] | None,
+                        *, with_push: bool) -> bool:
+        """Queue a store of the chunks of this request's computed tokens the cache lacks
+        (prompt and output: the next turn of a conversation starts with them). True when
+        its blocks must be held until the store is done."""
+        assert self.cache is not None and self.keyer is not None
+        tokens = list(request.all_token_ids)[: request.num_computed_tokens]
+        keys = self.keyer.keys(tokens)
+        bpc = self.keyer.chunk_tokens // self.block_size
+        if not keys or len(block_ids) < len(keys) * bpc:
+            return False
+        known = self.cache.lookup(keys, count=False)
+        if known >= len(keys):
+            return False
+        self.counters["cache_stores"] += 1
+        self.counters["cache_stored_chunks"] += len(keys) - known
+        self._meta.cache_stores.append(CacheStore(request.request_id, keys[known:],
+                                                  list(block_ids[known * bpc: len(keys) * bpc]), with_push))
+        return True
 
     def transfers_finished(self, finished_sending: set[str] | None, finished_recving: set[str] | None) -> None:
         for rid in finished_sending or ():
             self._held.discard(rid)
         for rid in finished_recving or ():
             if self._receiving.pop(rid, None) is not None:
+                self._received.add(rid)
+            if rid in self._loading:
+                self._loading.discard(rid)
                 self._received.add(rid)
 
     def has_pending_push_work(self) -> bool:

@@ -27,11 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pdfabric.config.checks import problems_error
 from pdfabric.config.loader import load_topology, validation_problems
-from pdfabric.config.models import Host, Port, Seconds, TcpTransport, TransportConfig
+from pdfabric.config.models import CacheConfig, CacheTier, Host, Port, Seconds, TcpTransport, TransportConfig
 from pdfabric.config.secrets import SecretRef, resolve_secret
 from pdfabric.errors import ConfigError
 
-__all__ = ["ConnectorSettings", "Faults", "Resolved", "resolve_settings", "SOURCE"]
+__all__ = ["CacheSettings", "ConnectorSettings", "Faults", "Resolved", "resolve_settings", "SOURCE"]
 
 SOURCE = "kv_connector_extra_config"
 _TOPOLOGY_OWNS = ("transport", "control_host", "control_port")
@@ -58,6 +58,33 @@ class Faults(BaseModel):
         return bool(prefix) and tid.startswith(prefix)  # type: ignore[arg-type]
 
 
+class CacheSettings(BaseModel):
+    """The shared KV cache from the connector's side: a cache server (``server: host:port``)
+    or tiers in this engine's process (``tiers``, single-engine set-ups); exactly one.
+
+    - ``chunk_tokens``: tokens per cached chunk (a multiple of the block size; every engine
+      sharing a cache must use the same);
+    - ``salt``: tenant salt mixed into every key (engines with different salts share nothing);
+    - ``store``: store computed prompts and finished sequences (``False``: look up only);
+    - ``timeout_s``: the longest a cache call may take before it counts as a miss.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    server: Annotated[str, Field(pattern=r"^(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}$")] | None = None
+    tiers: list[CacheTier] | None = None
+    chunk_tokens: Annotated[int, Field(gt=0)] = 256
+    salt: str | None = None
+    store: bool = True
+    timeout_s: Seconds = 0.5
+
+    def check(self) -> None:
+        if (self.server is None) == (self.tiers is None):
+            raise ConfigError("give either 'server' (host:port of a pdfabric cache-server) or 'tiers' "
+                              "(a cache in this engine's process), not both and not neither",
+                              path="cache", source=SOURCE)
+
+
 class ConnectorSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -77,6 +104,7 @@ class ConnectorSettings(BaseModel):
     status_window_s: Seconds = 60.0
     idle_wait_s: Annotated[float, Field(ge=0, le=0.1)] = 0.005
     log_transfers: Literal["info", "debug"] = "debug"
+    cache: CacheSettings | None = None
     faults: Faults = Faults()
 
 
@@ -100,6 +128,7 @@ class Resolved:
     idle_wait_s: float
     log_transfers: str
     faults: Faults
+    cache: CacheSettings | None = None
 
 
 def parse_settings(extra: dict[str, Any] | None) -> ConnectorSettings:
@@ -118,8 +147,11 @@ def resolve_settings(extra: dict[str, Any] | None, *, needs_control_port: bool) 
         transport = s.transport or TcpTransport()
         host, port = s.control_host or "127.0.0.1", s.control_port
         secret, secret_source = _secret(s.secret, None, None)
+        cache = s.cache
     else:
-        transport, host, port, secret, secret_source = _from_topology(s)
+        transport, host, port, secret, secret_source, cache = _from_topology(s)
+    if cache is not None:
+        cache.check()
     if needs_control_port and port is None:
         raise ConfigError(
             "a producer needs a control endpoint consumers can reach: set 'control_port' "
@@ -144,10 +176,26 @@ def resolve_settings(extra: dict[str, Any] | None, *, needs_control_port: bool) 
         idle_wait_s=s.idle_wait_s,
         log_transfers=s.log_transfers,
         faults=s.faults,
+        cache=cache,
     )
 
 
-def _from_topology(s: ConnectorSettings) -> tuple[Any, str, int | None, bytes, str]:
+def _topology_cache(topo_cache: CacheConfig | None, inline: CacheSettings | None) -> CacheSettings | None:
+    """The topology's ``cache`` section as connector settings (inline ``cache`` keys other
+    than where the cache lives, e.g. ``store``, ``salt``, ``timeout_s``, still apply)."""
+    if topo_cache is None:
+        return inline
+    if inline is not None and (inline.server is not None or inline.tiers is not None):
+        raise ConfigError("'cache.server'/'cache.tiers' come from the topology file's cache section when "
+                          "'topology' is set; keep only store/salt/timeout_s here", path="cache", source=SOURCE)
+    extra = inline.model_dump(exclude={"server", "tiers", "chunk_tokens"}) if inline is not None else {}
+    srv = topo_cache.server
+    where: dict[str, Any] = ({"server": f"{srv.host}:{srv.port}"} if srv is not None
+                             else {"tiers": list(topo_cache.tiers)})
+    return CacheSettings.model_validate({**extra, **where, "chunk_tokens": topo_cache.chunk_tokens}, strict=False)
+
+
+def _from_topology(s: ConnectorSettings) -> tuple[Any, str, int | None, bytes, str, CacheSettings | None]:
     for key in _TOPOLOGY_OWNS:
         if getattr(s, key) is not None:
             raise ConfigError(
@@ -167,10 +215,11 @@ def _from_topology(s: ConnectorSettings) -> tuple[Any, str, int | None, bytes, s
     if secret is not None and s.secret is not None:
         raise ConfigError("'secret' is set both here and in the topology file; remove one of them",
                           path="secret", source=SOURCE)
+    cache = _topology_cache(topo.cache, s.cache)
     if secret is None:  # e.g. the launcher's per-launch secret for a topology that names none
         value, where = _secret(s.secret, None, None)
-        return topo.transport, inst.host, inst.control_port, value, where
-    return topo.transport, inst.host, inst.control_port, secret.encode(), f"topology {s.topology}"
+        return topo.transport, inst.host, inst.control_port, value, where, cache
+    return topo.transport, inst.host, inst.control_port, secret.encode(), f"topology {s.topology}", cache
 
 
 def _secret(ref: SecretRef | None, base: str | None, source: str | None) -> tuple[bytes, str]:

@@ -57,6 +57,41 @@ def _share_vllm_logging() -> None:
     ours.propagate = False
 
 
+def _scheduler_cache(vllm_config: "VllmConfig", settings: Any, engine: str, block_size: int) -> tuple[Any, Any]:
+    """The scheduler's cache client and chunk keyer (``(None, None)`` when the cache is off).
+
+    Keys are seeded with what makes KV interchangeable (model, device, dtype, geometry,
+    block size, tensor parallel size), so engines agree exactly when they can share chunks."""
+    cs = settings.cache
+    if cs is None:
+        return None, None
+    from pdfabric.cache.client import RemoteCacheClient
+    from pdfabric.cache.keys import ChunkKeyer
+    from pdfabric.connector.kvcache import cache_fingerprint, chunk_bytes_for
+    from pdfabric.connector.local_cache import local_client
+    from pdfabric.errors import ConfigError
+
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    if cs.chunk_tokens % block_size:
+        raise ConfigError(f"{cs.chunk_tokens} is not a multiple of the block size {block_size}",
+                          path="cache.chunk_tokens", source="kv_connector_extra_config")
+    dtype = compat.kv_dtype(vllm_config)
+    layers, heads, head_dim = mc.get_num_layers(pc), mc.get_num_kv_heads(pc), mc.get_head_size()
+    model = settings.model_name or os.path.basename(str(mc.model).rstrip("/"))
+    device = str(getattr(vllm_config.device_config, "device_type", "cpu"))
+    fp = cache_fingerprint(model, device, str(dtype).replace("torch.", ""), layers, heads, head_dim, block_size,
+                           pc.tensor_parallel_size)
+    keyer = ChunkKeyer.create(fp, cs.chunk_tokens, block_size=block_size, salt=cs.salt)
+    chunk = chunk_bytes_for(layers, heads, head_dim, dtype.itemsize, cs.chunk_tokens)
+    if pc.tensor_parallel_size > 1:
+        log.error("pdfabric cache: tensor parallel engines cannot use the shared cache yet; it is off")
+        return None, None
+    if cs.server is not None:
+        return RemoteCacheClient(cs.server, chunk, name=f"{engine}/scheduler", timeout_s=cs.timeout_s,
+                                 chunk_tokens=cs.chunk_tokens), keyer
+    return local_client(cs, chunk), keyer
+
+
 class FabricMetadata(KVConnectorMetadata):
     def __init__(self, step: StepMeta) -> None:
         self.step = step
@@ -79,8 +114,10 @@ class PDFabricConnector(KVConnectorBase_V1):
             log.warning("pdfabric: kv_load_failure_policy is %r: a failed transfer fails the request; "
                         "set it to 'recompute' to recompute the prompt instead", ktc.kv_load_failure_policy)
         if role == KVConnectorRole.SCHEDULER:
+            cache, keyer = _scheduler_cache(vllm_config, settings, engine, block_size)
             self._sched = FabricScheduler(
-                settings, producer=producer, consumer=consumer, block_size=block_size, block_ids_of=self._block_ids
+                settings, producer=producer, consumer=consumer, block_size=block_size, block_ids_of=self._block_ids,
+                cache=cache, keyer=keyer,
             )
         else:
             model = settings.model_name or os.path.basename(str(vllm_config.model_config.model).rstrip("/"))

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pdfabric.connector.control import ControlEndpoint
+from pdfabric.connector.kvcache import CacheLoad, CacheMover, CacheStore, ChunkCopier
 from pdfabric.connector.links import ConsumerLinks, ProducerLinks
 from pdfabric.connector.params import StepMeta
 from pdfabric.connector.settings import Resolved
@@ -102,6 +103,10 @@ class FabricWorker:
         self._fingerprint: dict[str, str | int] = {}
         self._consumers: ProducerLinks | None = None  # producer's view of its consumers
         self._producers: ConsumerLinks | None = None  # consumer's view of its producers
+        self.cache: CacheMover | None = None
+        # requests whose receive (or release) needs two parts: cache load + transfer (store + push)
+        self._recv_parts: dict[str, list[int]] = {}  # req -> [parts left, failed?]
+        self._send_parts: dict[str, int] = {}  # req -> parts left
 
     # -- set-up ------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -123,6 +128,8 @@ class FabricWorker:
         if self.consumer:
             self.ctable = C.ConsumerTable(n, self.engine, s.transfer_timeout_s)
             self._producers = ConsumerLinks(self.engine, fp, layout, transport)
+        if s.cache is not None:
+            self.cache = self._open_cache(layout)
         port = s.control_port
         bind = (s.control_host, port + self.tp_rank) if port is not None else None
         ident = f"{self.engine}/{self.tp_rank}/{os.urandom(4).hex()}".encode()
@@ -135,6 +142,27 @@ class FabricWorker:
                  self.engine, transport.name, n, f"{bind[0]}:{bind[1]}" if bind else "outbound only",
                  s.secret_source)
 
+    def _open_cache(self, layout: KVLayout) -> CacheMover | None:
+        from pdfabric.cache.client import RemoteCacheClient
+        from pdfabric.connector.local_cache import local_client
+
+        cs = self.settings.cache
+        assert cs is not None
+        if self.tp_size > 1:
+            log.error("pdfabric cache: tensor parallel engines (tp=%d) cannot use the shared cache yet; "
+                      "it is off for %s", self.tp_size, self.engine)
+            return None
+        copier = ChunkCopier(layout, cs.chunk_tokens)
+        if cs.server is not None:
+            client: Any = RemoteCacheClient(cs.server, copier.chunk_bytes, name=f"{self.engine}/worker",
+                                            timeout_s=cs.timeout_s)
+        else:
+            client = local_client(cs, copier.chunk_bytes)
+        log.info("pdfabric cache: %s uses %s, %d-token chunks of %d bytes", self.engine,
+                 f"the cache server {cs.server}" if cs.server else "a cache in this process",
+                 cs.chunk_tokens, copier.chunk_bytes)
+        return CacheMover(client, copier)
+
     # -- engine thread -----------------------------------------------------------------
     def bind(self, meta: StepMeta | None) -> None:
         self._meta = meta
@@ -146,6 +174,7 @@ class FabricWorker:
             return
         now = self._clock()
         with self._lock:
+            self._ingest_cache(meta)
             if self.ctable is not None:
                 self._ingest_consumer(meta, now)
             if self.ptable is not None:
@@ -153,6 +182,57 @@ class FabricWorker:
                     self._do(self.ptable.scheduled(sr.req_id, sr.transfer_id, sr.blocks, sr.prompt_len, sr.prompt_len, now))
                 for fs in meta.finished_sends:
                     self._do(self.ptable.finished(fs.req_id, fs.transfer_id, fs.aborted, fs.held, now))
+
+    def _ingest_cache(self, meta: StepMeta) -> None:
+        jobs: list[CacheLoad | CacheStore] = [*meta.cache_loads, *meta.cache_stores]
+        if not jobs:
+            return
+        for job in jobs:
+            if isinstance(job, CacheLoad) and job.with_transfer:
+                self._recv_parts[job.req_id] = [2, 0]
+            elif isinstance(job, CacheStore) and job.with_push:
+                self._send_parts[job.req_id] = 2
+            if self.cache is None:  # the cache is off here: loads fail (recompute), stores end at once
+                if isinstance(job, CacheLoad):
+                    self._recv_done(job.req_id, False)
+                else:
+                    self._send_done(job.req_id)
+            else:
+                self.cache.submit(job)
+
+    def _recv_done(self, rid: str, ok: bool) -> None:
+        """One part of a receive finished (lock held): report it once every part has."""
+        parts = self._recv_parts.get(rid)
+        if parts is not None:
+            parts[0] -= 1
+            parts[1] |= not ok
+            if parts[0] > 0:
+                return
+            del self._recv_parts[rid]
+            ok = not parts[1]
+        (self._recvd if ok else self._failed).add(rid)
+
+    def _send_done(self, rid: str) -> None:
+        """One reason to hold a request's blocks ended (lock held)."""
+        left = self._send_parts.get(rid)
+        if left is not None:
+            if left > 1:
+                self._send_parts[rid] = left - 1
+                return
+            del self._send_parts[rid]
+        self._sent.add(rid)
+
+    def _collect_cache(self) -> None:
+        if self.cache is None:
+            return
+        loaded, failed, stored = self.cache.results()
+        for rid in loaded:
+            self._recv_done(rid, True)
+        for rid in failed:
+            self.counters["cache_load_failures"] += 1
+            self._recv_done(rid, False)
+        for rid in stored:
+            self._send_done(rid)
 
     def _ingest_consumer(self, meta: StepMeta, now: float) -> None:
         assert self.ctable is not None and self._producers is not None and self.control is not None
@@ -189,6 +269,7 @@ class FabricWorker:
             self._idle_wait()
         now = self._clock()
         with self._lock:
+            self._collect_cache()
             if self.transport is not None:
                 self._recv_seen = self.transport.recv_changes()
             if self.ptable is not None:
@@ -207,11 +288,15 @@ class FabricWorker:
         other engine on this host needs for its prefill."""
         t, limit = self.transport, self.settings.idle_wait_s
         receiving = self.ctable is not None and bool(self.ctable.open_transfers())
-        if t is None or limit <= 0 or not (receiving or self._pushes or self.ptable and self.ptable.held_requests()):
+        caching = self.cache is not None and self.cache.busy()
+        if t is None or limit <= 0 or not (receiving or caching or self._pushes
+                                           or self.ptable and self.ptable.held_requests()):
             return
         deadline = time.monotonic() + limit
         while (left := deadline - time.monotonic()) > 0:
             slice_s = min(left, 0.001)
+            if caching and self.cache is not None and self.cache.wait(0 if receiving else slice_s):
+                return
             if receiving and t.wait_recv_change(self._recv_seen, slice_s) != self._recv_seen:
                 return
             pushes = list(self._pushes.values())
@@ -289,7 +374,7 @@ class FabricWorker:
                 if peer and self.control is not None:
                     self.control.send(peer, Abort(a.transfer_id, a.reason))
             elif isinstance(a, P.Release):
-                self._sent.add(a.request_id)
+                self._send_done(a.request_id)
                 self.counters["released"] += 1
             elif isinstance(a, C.SendGrant):
                 self._grant(a)
@@ -320,13 +405,13 @@ class FabricWorker:
         self._granted_blocks.pop(a.transfer_id, None)
         self._grants_sent.pop(a.transfer_id, None)
         if a.ok:
-            self._recvd.add(a.request_id)
+            self._recv_done(a.request_id, True)
             if not a.aborted:
                 self.counters["received"] += 1
                 self.counters["received_bytes"] += a.nbytes
                 self._recent.append((a.transfer_id, a.nbytes, round(self._clock() - a.started, 6)))
             return
-        self._failed.add(a.request_id)
+        self._recv_done(a.request_id, False)
         self.counters["recomputes"] += 1
         log.warning("pdfabric: transfer %s for request %s failed: %s; the decode engine recomputes the prompt",
                     a.transfer_id, a.request_id, a.reason)
@@ -451,6 +536,9 @@ class FabricWorker:
             open_ += self.ctable.open_transfers()
         if self.transport is not None:
             counters["transport_rejections"] = len(self.transport.rejections)
+        if self.cache is not None:
+            counters.update({f"cache_{k}": int(v) for k, v in self.cache.counters.items()})
+            counters.update({f"cache_client_{k}": v for k, v in self.cache.client.counters.items()})
         role = "both" if self.producer and self.consumer else "producer" if self.producer else "consumer"
         return StatusReply(role, self.engine, dict(counters), open_, self._fingerprint, list(self._recent),
                            list(self._pushed))
@@ -469,3 +557,5 @@ class FabricWorker:
             self.control.close()
         if self.transport is not None:
             self.transport.close()
+        if self.cache is not None:
+            self.cache.close()

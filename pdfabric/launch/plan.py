@@ -28,7 +28,7 @@ _ROLES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 @dataclass(frozen=True)
 class ProcSpec:
     name: str
-    kind: Literal["engine", "proxy"]
+    kind: Literal["cache", "engine", "proxy"]
     argv: list[str]
     env: dict[str, str]  # added to the launcher's environment
     ready_url: str
@@ -45,9 +45,16 @@ class ProcSpec:
 
 def build_plan(topo: Topology, topology_file: Path, model_dir: Path, platform: Platform,
                *, python: str = sys.executable, launch_secret: str | None = None) -> list[ProcSpec]:
-    """Engines first (prefill before decode), the proxy last."""
+    """The cache server (when the topology has one), engines (prefill before decode), the proxy last."""
     order = sorted(topo.instances, key=lambda i: {"prefill": 0, "both": 1, "decode": 2}[i.role])
-    plan = [_engine(topo, i, topology_file, model_dir, platform, python, launch_secret) for i in order]
+    plan: list[ProcSpec] = []
+    if topo.cache is not None and topo.cache.server is not None:
+        srv = topo.cache.server
+        plan.append(ProcSpec(
+            "cache-server", "cache", [python, "-m", "pdfabric.cli", "cache-server", "--topology", str(topology_file)],
+            {"PYTHONUNBUFFERED": "1"}, f"http://{srv.host}:{srv.http}/health", ((srv.host, srv.port), (srv.host, srv.http)),
+        ))
+    plan += [_engine(topo, i, topology_file, model_dir, platform, python, launch_secret) for i in order]
     px = topo.proxy
     plan.append(ProcSpec(
         "proxy", "proxy", [python, "-m", "pdfabric.cli", "proxy", "--topology", str(topology_file)], {},

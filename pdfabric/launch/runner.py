@@ -59,10 +59,13 @@ class Runner:
 
     def start(self, timeout: float = 600.0) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        caches = [p for p in self.procs if p.spec.kind == "cache"]
         engines = [p for p in self.procs if p.spec.kind == "engine"]
-        rest = [p for p in self.procs if p.spec.kind != "engine"]
+        rest = [p for p in self.procs if p.spec.kind not in ("cache", "engine")]
         with Live(self._table(), console=self.console, refresh_per_second=4, transient=False) as live:
-            for group in (engines, rest):
+            for group in (caches, engines, rest):
+                if not group:
+                    continue
                 for p in group:
                     self._spawn(p)
                 self._wait(group, timeout, live)

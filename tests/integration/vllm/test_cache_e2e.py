@@ -1,0 +1,147 @@
+"""The shared KV cache on real vLLM engines: a long document asked on one engine is served
+from the cache on another, and still after an engine restart; outputs equal a cold run; the
+engines' own metrics prove where the prompt tokens came from. A cache server that is down
+costs a recompute, never a failed request."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pdfabric.testing.engines import Engine, EngineSpec, connector_config
+from pdfabric.testing.fabric import free_port, make_prompt
+
+pytestmark = pytest.mark.integration
+
+CHUNK = 256
+
+
+class CacheServer:
+    def __init__(self, log_dir: Path) -> None:
+        self.port, self.http = free_port(), free_port()
+        self.log = log_dir / "cache-server.log"
+        self.argv = [sys.executable, "-m", "pdfabric.cli", "cache-server", "--port", str(self.port),
+                     "--http-port", str(self.http), "--memory", "256MiB", "--disk", str(log_dir / "l2"),
+                     "--disk-size", "1GiB"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> CacheServer:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while "pdfabric cache-server on" not in self.log.read_text():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CacheServer, Engine, Engine]]:
+    log_dir = tmp_path_factory.mktemp("cache-e2e")
+    server = CacheServer(log_dir).start()
+    engines = []
+    for name, core in (("engine-a", "0"), ("engine-b", "1")):
+        extra = {"control_port": free_port(), "engine_name": name,
+                 "cache": {"server": f"127.0.0.1:{server.port}", "chunk_tokens": CHUNK}}
+        spec = EngineSpec(name, free_port(), tiny_model, log_dir, connector_config("kv_both", extra), cores=core)
+        engines.append(Engine(spec))
+    try:
+        for e in engines:
+            e.start()
+        for e in engines:
+            e.wait_ready(400)
+        yield server, engines[0], engines[1]
+    finally:
+        for e in engines:
+            e.stop()
+        server.stop()
+
+
+def ask(engine: Engine, prompt: list[int]) -> list[int]:
+    r = engine.complete({"prompt": prompt, "max_tokens": 12, "temperature": 0, "return_token_ids": True,
+                         "ignore_eos": True})
+    return list(r["choices"][0]["token_ids"])
+
+
+def _source(m: dict[str, float], source: str) -> float:
+    return sum(v for k, v in m.items() if k.startswith(("vllm:prompt_tokens_by_source{",
+                                                         "vllm:prompt_tokens_by_source_total{"))
+               and f'source="{source}"' in k)
+
+
+def sources(engine: Engine) -> tuple[float, float]:
+    m = engine.metrics()
+    return _source(m, "external_kv_transfer"), _source(m, "local_compute")
+
+
+def wait_sources(engine: Engine, before: tuple[float, float], prompt_len: int) -> tuple[float, float]:
+    """vLLM publishes a request's stats just after the answer: wait until they add up."""
+    deadline = time.monotonic() + 10
+    while True:
+        now = sources(engine)
+        got = (now[0] - before[0], now[1] - before[1])
+        if got[0] + got[1] >= prompt_len or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def test_a_document_read_on_one_engine_comes_from_the_cache_on_another(stack: tuple[CacheServer, Engine, Engine],
+                                                                       vocab_size: int) -> None:
+    _, a, b = stack
+    doc = make_prompt(1500, seed=4242, vocab=vocab_size)
+    before = sources(a)
+    cold = ask(a, doc)
+    assert wait_sources(a, before, len(doc)) == (0, len(doc))  # nothing cached yet: all computed
+    time.sleep(1.0)  # engine A stores its chunks after answering (off the critical path)
+    before = sources(b)
+    warm = ask(b, doc)
+    assert warm == cold
+    cached = (len(doc) - 1) // CHUNK * CHUNK  # full chunks of every prompt token but the last
+    assert wait_sources(b, before, len(doc)) == (cached, len(doc) - cached)
+
+
+def test_still_a_hit_after_the_engine_restarts(stack: tuple[CacheServer, Engine, Engine], vocab_size: int) -> None:
+    _, a, b = stack
+    doc = make_prompt(1100, seed=777, vocab=vocab_size)
+    cold = ask(b, doc)
+    time.sleep(1.0)
+    a.stop()  # a restarted engine has an empty local prefix cache: only the shared cache can help
+    a.start()
+    a.wait_ready(400)
+    before = sources(a)
+    assert ask(a, doc) == cold
+    cached = (len(doc) - 1) // CHUNK * CHUNK
+    assert wait_sources(a, before, len(doc)) == (cached, len(doc) - cached)
+
+
+def test_a_cache_server_that_is_down_costs_a_recompute_not_a_request(stack: tuple[CacheServer, Engine, Engine],
+                                                                     vocab_size: int) -> None:
+    server, a, b = stack
+    doc = make_prompt(900, seed=31337, vocab=vocab_size)
+    cold = ask(a, doc)
+    time.sleep(1.0)
+    server.stop()
+    try:
+        before = sources(b)
+        t0 = time.monotonic()
+        assert ask(b, doc) == cold
+        assert time.monotonic() - t0 < 30
+        assert wait_sources(b, before, len(doc)) == (0, len(doc))
+    finally:
+        server.start()

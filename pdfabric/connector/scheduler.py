@@ -81,6 +81,9 @@ class FabricScheduler:
         self._lookups: dict[str, tuple[list[bytes], int]] = {}  # req -> (prompt chunk keys, cached chunks)
         self._cache_plan: dict[str, tuple[int, int]] = {}  # req -> (local tokens, cached tokens)
         self._loading: set[str] = set()  # cache loads in flight (without a producer transfer)
+        # consume requests whose uncached rest is computed here (the producer was told not to push)
+        self._local_rest: set[str] = set()
+        self._local_compute = settings.cache.local_compute_tokens if settings.cache is not None else 0
 
     # -- vLLM hooks --------------------------------------------------------------------
     def params(self, request: "Request") -> Produce | Consume | None:
@@ -108,7 +111,14 @@ class FabricScheduler:
         if rid in self._receiving or rid in self._received or rid in self._loading:
             return 0, False
         cached = self._cached_tokens(request)
-        if not isinstance(p, Consume):
+        if isinstance(p, Consume) and rid not in self._local_rest and cached > num_computed_tokens:
+            rest = compat.prompt_len(request) - 1 - cached
+            if rest <= self._local_compute:  # cheaper to compute than to wait for: the producer is told
+                self._local_rest.add(rid)
+                self.counters["cache_local_rest"] += 1
+                self._meta.unsent_aborts.append((p.producer, p.transfer_id, f"the decode engine found all but {rest} "
+                                                 "prompt tokens in the cache and computes them itself"))
+        if not isinstance(p, Consume) or rid in self._local_rest:
             if cached <= num_computed_tokens:
                 return 0, False
             self._cache_plan[rid] = (num_computed_tokens, cached)
@@ -147,7 +157,7 @@ class FabricScheduler:
         plan = self._cache_plan.pop(rid, None)
         if num_external_tokens <= 0 or rid in self._receiving or rid in self._received or rid in self._loading:
             return
-        if not isinstance(p, Consume):
+        if not isinstance(p, Consume) or rid in self._local_rest:
             if plan is not None:
                 self._loading.add(rid)
                 self._meta.cache_loads.append(self._load(rid, plan, block_ids, with_transfer=False))
@@ -203,7 +213,10 @@ class FabricScheduler:
         self._received.discard(rid)
         self._local_hit.pop(rid, None)
         waiting = self._waiting.pop(rid, None)
-        if waiting is None and isinstance(params, Consume) and not received and rid not in self._receiving:
+        local_rest = rid in self._local_rest
+        self._local_rest.discard(rid)
+        if waiting is None and isinstance(params, Consume) and not received and rid not in self._receiving \
+                and not local_rest:
             # never granted: aborted while queued, or nothing to load (full local prefix hit,
             # 1-token prompt); either way its producer must not wait out a lease
             waiting = params

@@ -66,7 +66,10 @@ class CacheSettings(BaseModel):
       sharing a cache must use the same);
     - ``salt``: tenant salt mixed into every key (engines with different salts share nothing);
     - ``store``: store computed prompts and finished sequences (``False``: look up only);
-    - ``timeout_s``: the longest a cache call may take before it counts as a miss.
+    - ``timeout_s``: the longest a cache call may take before it counts as a miss;
+    - ``local_compute_tokens``: a decode request whose prompt is cached but for at most this
+      many tokens computes them itself instead of waiting for the producer's push (which is
+      cancelled); 0 always waits for the producer.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -77,6 +80,7 @@ class CacheSettings(BaseModel):
     salt: str | None = None
     store: bool = True
     timeout_s: Seconds = 0.5
+    local_compute_tokens: Annotated[int, Field(ge=0)] = 256
 
     def check(self) -> None:
         if (self.server is None) == (self.tiers is None):

@@ -17,10 +17,14 @@ import pytest
 
 from pdfabric.testing.engines import Engine, EngineSpec, connector_config
 from pdfabric.testing.fabric import free_port, make_prompt
+from pdfabric.testing.pairing import pair_completion
 
 pytestmark = pytest.mark.integration
 
 CHUNK = 256
+
+
+GREEDY = {"max_tokens": 12, "temperature": 0, "return_token_ids": True, "ignore_eos": True}
 
 
 class CacheServer:
@@ -57,8 +61,10 @@ def stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     server = CacheServer(log_dir).start()
     engines = []
     for name, core in (("engine-a", "0"), ("engine-b", "1")):
-        extra = {"control_port": free_port(), "engine_name": name,
-                 "cache": {"server": f"127.0.0.1:{server.port}", "chunk_tokens": CHUNK}}
+        # engine-b always takes the uncached rest of a prompt from its producer (no local shortcut)
+        cache = {"server": f"127.0.0.1:{server.port}", "chunk_tokens": CHUNK,
+                 **({"local_compute_tokens": 0} if name == "engine-b" else {})}
+        extra = {"control_port": free_port(), "engine_name": name, "cache": cache}
         spec = EngineSpec(name, free_port(), tiny_model, log_dir, connector_config("kv_both", extra), cores=core)
         engines.append(Engine(spec))
     try:
@@ -101,9 +107,25 @@ def wait_sources(engine: Engine, before: tuple[float, float], prompt_len: int) -
         time.sleep(0.1)
 
 
+def scrape(server: CacheServer) -> dict[object, float]:
+    """``name`` or ``(name, tier)`` -> value, through prometheus_client's parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[object, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            key = (sample.name, sample.labels["tier"]) if "tier" in sample.labels else sample.name
+            out[key] = sample.value
+    return out
+
+
 def test_a_document_read_on_one_engine_comes_from_the_cache_on_another(stack: tuple[CacheServer, Engine, Engine],
                                                                        vocab_size: int) -> None:
-    _, a, b = stack
+    server, a, b = stack
     doc = make_prompt(1500, seed=4242, vocab=vocab_size)
     before = sources(a)
     cold = ask(a, doc)
@@ -114,6 +136,29 @@ def test_a_document_read_on_one_engine_comes_from_the_cache_on_another(stack: tu
     assert warm == cold
     cached = (len(doc) - 1) // CHUNK * CHUNK  # full chunks of every prompt token but the last
     assert wait_sources(b, before, len(doc)) == (cached, len(doc) - cached)
+    # the cache server's own account, scraped and parsed as Prometheus would
+    m = scrape(server)
+    assert m["pdfabric_cache_hit_tokens_total"] >= cached
+    assert 0 < m["pdfabric_cache_hit_tokens_total"] / m["pdfabric_cache_lookup_tokens_total"] <= 1
+    assert m[("pdfabric_cache_hits_total", "memory")] >= cached // CHUNK
+    assert m[("pdfabric_cache_stores_total", "memory")] >= cached // CHUNK
+    assert ("pdfabric_cache_evictions_total", "disk") in m and ("pdfabric_cache_misses_total", "disk") in m
+
+
+def test_a_disaggregated_request_takes_the_cached_part_from_the_cache_and_the_rest_from_the_producer(
+        stack: tuple[CacheServer, Engine, Engine], vocab_size: int) -> None:
+    _, a, b = stack
+    doc = make_prompt(1400, seed=9090, vocab=vocab_size)
+    cold = ask(a, doc)
+    time.sleep(1.0)
+    producer = f"127.0.0.1:{a.spec.kv_transfer_config['kv_connector_extra_config']['control_port']}"  # type: ignore[index]
+    before = sources(b)
+    got = pair_completion(a.url, b.url, producer, {"prompt": doc, **GREEDY})
+    assert got.token_ids == cold
+    # every prompt token but the last came from outside: the cache's chunks and the producer's rest
+    assert wait_sources(b, before, len(doc)) == (len(doc) - 1, 1)
+    rest = (len(doc) - 1) - (len(doc) - 1) // CHUNK * CHUNK
+    assert rest > 0  # the producer really had a part to push
 
 
 def test_still_a_hit_after_the_engine_restarts(stack: tuple[CacheServer, Engine, Engine], vocab_size: int) -> None:

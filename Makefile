@@ -41,6 +41,10 @@ bench: setup $(BENCH_STAMP)
 	$(VENV)/bin/pdfabric bench transfer --rounds 5 --json bench-transfer.json --plot bench-transfer.png
 	$(PY) benchmarks/e2e_ttft.py --rounds 3 --json bench-ttft.json
 	$(PY) benchmarks/proxy_overhead.py --json bench-proxy.json
+	$(PY) benchmarks/proxy_kill.py --duration 60 --json bench-proxy-kill.json
+	$(PY) benchmarks/cache_tiers.py --rounds 5 --json bench-cache-tiers.json
+	$(PY) benchmarks/long_doc_qa.py --json bench-long-doc.json
+	$(PY) benchmarks/multi_round_qa.py --json bench-multi-round.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -17,6 +17,10 @@ Rules:
    Nothing is sent twice to an engine that answered: only legs that failed are retried.
 6. A stream that breaks after bytes reached the client ends with an SSE error event and no
    ``[DONE]`` (counted in ``streams_broken``), never a silent truncation.
+7. With a cache server, the shared KV cache is asked first (``cache_view.py``): a prompt it
+   holds all but a short rest of goes to a decode engine alone (``decode_alone_cached``),
+   its exact token count replaces the estimate, and ``x-pdfabric-cached-tokens`` tells the
+   client what was found. A lookup that fails changes nothing.
 """
 
 from __future__ import annotations
@@ -50,11 +54,16 @@ async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: b
     settings = proxy.settings
     forward_headers.set(forwarded(request.headers))  # set every time: a keep-alive connection's next
     # request may run in the same context
+    looked = None if proxy.cache is None else await proxy.cache.look(proxy, body, chat, tokens)  # Rule 7
+    if looked is not None:
+        tokens = looked.prompt_tokens
+    alone = looked is not None and looked.alone
     tried: set[str] = set()  # instances (either role) that failed this request
     reason = ""  # why the last prefill leg failed
     prefill_tries = decode_failures = 0
     while True:
-        prefills = proxy.registry.prefills() if prefill_tries < max(1, settings.prefill_attempts) else []
+        more = not alone and prefill_tries < max(1, settings.prefill_attempts)
+        prefills = proxy.registry.prefills() if more else []
         choice = proxy.router.choose(prefills, proxy.registry.decodes(), tokens, hashes, frozenset(tried))
         if choice is None:
             if decode_failures:
@@ -79,7 +88,7 @@ async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: b
                     log.warning("pdfabric proxy: decode engine %s serves a request alone (recomputes): %s",
                                 choice.decode.name, reason)
                 else:
-                    proxy.stats.counters["decode_alone"] += 1
+                    proxy.stats.counters["decode_alone_cached" if alone else "decode_alone"] += 1
         except _DecodeFailed as e:  # Rule 5: nothing reached the client yet
             decode_failures += 1
             decode_why = f"{e.instance.name} {e.why}"
@@ -95,6 +104,8 @@ async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: b
                         e.instance.name, e.why)
             continue
         opened.headers["x-pdfabric-decode"] = choice.decode.name
+        if looked is not None:
+            opened.headers["x-pdfabric-cached-tokens"] = str(looked.cached_tokens)
         return await _respond(proxy, request, opened, stream)
 
 

@@ -11,6 +11,9 @@ transfer id (``concurrent``) or the prefill leg first (``sequential``); if the p
 fails before the decode leg produced anything, cancel the decode leg and retry with another
 prefill engine, then with the decode engine alone (it recomputes; counted and logged). A
 client that hangs up cancels both legs, which makes the engines abort the request.
+
+With a cache server (``cache_address``), a request whose prompt the shared KV cache holds
+all but a short rest of goes to a decode engine alone (``pdfabric.proxy.cache_view``).
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
 
 from pdfabric.proxy.instances import Instance, Registry, UnknownInstance
 from pdfabric.proxy.legs import Upstream, decode_json
 from pdfabric.proxy.policy import Router, chunk_hashes, estimate_tokens
+
+if TYPE_CHECKING:
+    from pdfabric.proxy.cache_view import CacheView
 
 __all__ = ["ProxySettings", "Proxy", "HTTPProblem"]
 
@@ -48,6 +54,12 @@ class ProxySettings:
     prefill_attempts: int = 2
     decode_attempts: int = 2  # decode legs tried per request (route.py Rule 5)
     model: str | None = None  # served model name for /v1/models (None: ask an engine)
+    # the shared KV cache (cache_view.py): its server's engine port, host:port (None: no lookups),
+    # its HTTP port (None: port + 1), the rest a decode engine computes alone, the lookup deadline
+    cache_address: str | None = None
+    cache_http_port: int | None = None
+    cache_local_tokens: int = 256
+    cache_timeout_s: float = 0.2
 
 
 class HTTPProblem(Exception):
@@ -75,6 +87,7 @@ class Proxy:
         self.router = Router(settings.policy, settings.disaggregate_min_tokens)
         self.upstream = Upstream(settings.leg_timeout_s)
         self.stats = _Stats()
+        self.cache = _cache_view(settings)  # None: no lookups, no cost (cache_view.py Rule 1)
         self._health_task: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
 
@@ -102,6 +115,8 @@ class Proxy:
     async def _on_cleanup(self, _: web.Application) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
+        if self.cache is not None:
+            await self.cache.close()
         await self.upstream.close()
 
     async def start(self) -> int:
@@ -204,7 +219,10 @@ class Proxy:
     # -- health ------------------------------------------------------------------------
     async def _health_loop(self) -> None:
         while True:
-            await asyncio.gather(*(self._probe(i) for i in self.registry.all()), return_exceptions=True)
+            probes = [self._probe(i) for i in self.registry.all()]
+            if self.cache is not None and self.cache.keying is None:
+                probes.append(self.cache.refresh(self))
+            await asyncio.gather(*probes, return_exceptions=True)
             await asyncio.sleep(self.settings.health_interval_s)
 
     async def _probe(self, inst: Instance) -> None:
@@ -239,6 +257,17 @@ class Proxy:
 
 
 _PROBE_TIMEOUT = None  # set below (aiohttp import kept local to the module top)
+
+
+def _cache_view(s: ProxySettings) -> CacheView | None:
+    if s.cache_address is None:
+        return None
+    from pdfabric.proxy.cache_view import CacheView  # zmq only when the cache is asked
+
+    host, _, port = s.cache_address.rpartition(":")
+    http = s.cache_http_port if s.cache_http_port is not None else int(port) + 1
+    return CacheView(s.cache_address, f"http://{host}:{http}", local_tokens=s.cache_local_tokens,
+                     timeout_s=s.cache_timeout_s)
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

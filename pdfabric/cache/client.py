@@ -88,13 +88,19 @@ class _Warner:
 
 
 class RemoteCacheClient:
-    """A client of ``pdfabric cache-server`` at ``address`` (``host:port``). Thread-safe."""
+    """A client of ``pdfabric cache-server`` at ``address`` (``host:port``). Thread-safe.
+
+    ``fingerprint`` (with ``chunk_tokens``): the keying of the keys this client computes,
+    told to the server in its Hello so that the proxy can compute the same keys (``salted``:
+    keys with a tenant salt, which the server does not publish)."""
 
     def __init__(self, address: str, chunk_bytes: int, *, name: str = "engine", timeout_s: float = 0.5,
-                 retry_after_s: float = 2.0, warn_every_s: float = 30.0, chunk_tokens: int = 0) -> None:
+                 retry_after_s: float = 2.0, warn_every_s: float = 30.0, chunk_tokens: int = 0,
+                 fingerprint: str = "", salted: bool = False) -> None:
         self.address = address
         self.chunk_bytes = chunk_bytes
         self.chunk_tokens = chunk_tokens
+        self.fingerprint, self.salted = fingerprint, salted
         self.name = name
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s  # after a failure, answer "not cached" at once this long
@@ -119,7 +125,7 @@ class RemoteCacheClient:
             self._sock = s
             try:
                 ok = self._ask(wire.Hello(next(self._seq), wire.CACHE_WIRE_VERSION, self.name, self.chunk_bytes,
-                                          self.chunk_tokens))
+                                          self.chunk_tokens, self.fingerprint, self.salted))
             except Exception:
                 self._drop()
                 raise

@@ -10,8 +10,13 @@ L3 (Redis, S3) for every engine on the host.
   were; L1 starts empty.
 - **One chunk size.** The first client fixes the chunk size (it follows from the model and
   the chunk tokens); a client with another is refused with the reason.
-- **HTTP** on ``http_port``: ``/health``, ``/metrics`` (Prometheus), ``GET /admin/stats``,
-  ``POST /admin/clear``, ``POST /admin/evict?prefix=HEX`` (keys starting with HEX).
+- **Keyings.** An engine's scheduler says in its Hello how it computes chunk keys (its
+  fingerprint text and chunk tokens); ``/health`` lists the pairs seen, most recent first,
+  so the proxy can compute the same keys and ask before it sends a prefill leg. Salted
+  keys (a tenant salt) are never listed: only their engines can compute them.
+- **HTTP** on ``http_port``: ``/health`` (``status``, ``chunk_bytes``, ``keyings``),
+  ``/metrics`` (Prometheus), ``GET /admin/stats``, ``POST /admin/clear``,
+  ``POST /admin/evict?prefix=HEX`` (keys starting with HEX).
 
 Threads: the ZMQ loop (all requests, in order), the HTTP server, the tiers' write-behind.
 """
@@ -42,6 +47,7 @@ __all__ = ["SHM_DIR", "CacheService", "remove_stale_arenas"]
 log = logging.getLogger("pdfabric.cache")
 
 SHM_DIR = Path("/dev/shm")
+_MAX_KEYINGS = 8  # one deployment has one; a few models sharing a server stay listed
 _ARENA = re.compile(r"^pdfabric-cache-(\d+)-[0-9a-f]+$")
 
 
@@ -104,6 +110,9 @@ class CacheService:
         self.clients: dict[str, float] = {}  # client name -> last seen (time.time())
         self._leases: dict[int, _Lease] = {}
         self._chunk_tokens: dict[bytes, int] = {}  # client identity -> tokens per chunk
+        # (fingerprint, chunk_tokens) of unsalted clients, most recent first; replaced whole,
+        # so the HTTP thread reads it without the lock
+        self._keyings: tuple[tuple[str, int], ...] = ()
         self._next_lease = 1
         self._lock = threading.Lock()  # the ZMQ thread vs the HTTP admin calls
         self._ctx = zmq.Context()
@@ -248,6 +257,7 @@ class CacheService:
                                          "cache server")
             self.clients[msg.client] = time.time()
             self._chunk_tokens[ident] = msg.chunk_tokens
+            self._remember_keying(msg)
             assert self.arena is not None
             return wire.HelloOk(seq, str(self.arena.path), self.arena.size, msg.chunk_bytes)
         if self.cache is None or self.arena is None:
@@ -275,6 +285,17 @@ class CacheService:
         if isinstance(msg, wire.Stats):
             return wire.StatsReply(seq, self.stats())
         return wire.Refused(seq, f"unexpected {type(msg).__name__}")
+
+    def _remember_keying(self, msg: wire.Hello) -> None:
+        if not msg.fingerprint or msg.chunk_tokens <= 0 or msg.salted:
+            return
+        k = (msg.fingerprint, msg.chunk_tokens)
+        self._keyings = (k, *(x for x in self._keyings if x != k))[:_MAX_KEYINGS]
+
+    @property
+    def keyings(self) -> list[dict[str, Any]]:
+        """How clients compute their chunk keys (unsalted only), most recent first."""
+        return [{"fingerprint": fp, "chunk_tokens": ct} for fp, ct in self._keyings]
 
     def _keep(self, kind: str, handle: Any, ident: bytes) -> int:
         n = self._next_lease
@@ -306,6 +327,7 @@ class CacheService:
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"server": dict(self.counters), "open_leases": len(self._leases),
                                "clients": sorted(self.clients), "chunk_bytes": self.chunk_bytes,
+                               "keyings": self.keyings,
                                "uptime_s": round(time.time() - self.started, 1)}
         if self.cache is not None:
             out["cache"] = _plain(self.cache.stats())
@@ -369,7 +391,7 @@ def _handler(svc: CacheService) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             path = urlsplit(self.path).path
             if path == "/health":
-                self._send(200, {"status": "ok", "chunk_bytes": svc.chunk_bytes})
+                self._send(200, {"status": "ok", "chunk_bytes": svc.chunk_bytes, "keyings": svc.keyings})
             elif path == "/metrics":
                 self._send(200, svc.metrics_text(), "text/plain; version=0.0.4")
             elif path == "/admin/stats":

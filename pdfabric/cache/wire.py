@@ -6,6 +6,14 @@ client's ``Release`` / ``Commit`` (or until the lease expires, when a client die
 
 Every request carries a client-chosen ``seq`` that its answer repeats, so a late answer
 to a request the client gave up on (timeout) is recognised and dropped.
+
+Changes. ``CACHE_WIRE_VERSION`` changes only when an older peer could not work with a
+message; a field added at the end with a default does not change it (msgspec decodes an
+older peer's shorter message with the default and ignores trailing fields it does not know):
+
+- 1: the first version.
+- 1, unchanged: ``Hello.fingerprint`` and ``Hello.salted`` (the keying of the client's
+  chunk keys, which the server publishes on ``/health`` for the proxy's cache lookups).
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ class Hello(_Msg):
     client: str
     chunk_bytes: int  # every value this client reads or writes has this size
     chunk_tokens: int = 0  # tokens per chunk (for the token hit ratio; 0: unknown)
+    fingerprint: str = ""  # the client's ChunkKeyer fingerprint text ("": it computes no keys)
+    salted: bool = False  # its keys carry a tenant salt: nobody else can compute them
 
 
 class Lookup(_Msg):

@@ -6,6 +6,10 @@ Instances and policy come from a topology file (``--topology FILE``) or from fla
 
 (``URL@CONTROL``: an engine's OpenAI URL and its connector's control endpoint.) Flags given
 with ``--topology`` override the file's ``proxy`` section. Exits 2 on bad input.
+
+``--cache HOST:PORT`` (the cache server's engine port; ``--cache-http PORT`` when its HTTP
+port is not PORT+1), or ``proxy.cache_lookup: true`` in a topology with ``cache.server``:
+prompts the shared KV cache holds but for a short rest go to a decode engine alone.
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="seconds between health probes of every instance (default 2)")
     p.add_argument("--leg-timeout", type=_positive, metavar="SECONDS", dest="leg_timeout",
                    help="longest silence of an engine before its leg is given up (default 600)")
+    p.add_argument("--cache", metavar="HOST:PORT", help="ask this cache server (its engine port) how much of "
+                   "each prompt is cached; mostly cached prompts go to a decode engine alone")
+    p.add_argument("--cache-http", type=int, metavar="PORT", dest="cache_http",
+                   help="the cache server's HTTP port, for its keying (default: its port + 1)")
+    p.add_argument("--cache-local-tokens", type=int, metavar="N", dest="cache_local_tokens",
+                   help="a prompt cached but for at most N tokens skips the prefill leg (default 256)")
     p.set_defaults(func=run)
 
 
@@ -66,7 +76,8 @@ def settings_and_registry(args: argparse.Namespace) -> tuple[Any, Any]:
                     disaggregate_min_tokens=px.disaggregate_min_tokens, leg_timeout_s=px.leg_timeout_s,
                     max_body=int(px.max_body), api_keys=_keys(keys), model=topo.model.display_name,
                     health_interval_s=px.health_interval_s, prefill_attempts=px.prefill_attempts,
-                    decode_attempts=px.decode_attempts)
+                    decode_attempts=px.decode_attempts, cache_local_tokens=px.cache_local_tokens,
+                    cache_timeout_s=px.cache_timeout_s, **_topology_cache(topo))
         for i in topo.instances:
             control = f"{i.host}:{i.control_port}" if i.control_port is not None and i.can_prefill else None
             instances.append(Instance(i.name, i.role, f"http://{i.host}:{i.port}", control))
@@ -85,6 +96,7 @@ def settings_and_registry(args: argparse.Namespace) -> tuple[Any, Any]:
              "disaggregate_min_tokens": args.min_tokens, "model": args.model,
              "health_interval_s": args.health_interval, "leg_timeout_s": args.leg_timeout}
     base.update({k: v for k, v in flags.items() if v is not None})
+    base.update(_cache_flags(args))
     if args.api_key_env:
         base["api_keys"] = _keys(os.environ.get(args.api_key_env, ""))
         if not base["api_keys"]:
@@ -94,6 +106,41 @@ def settings_and_registry(args: argparse.Namespace) -> tuple[Any, Any]:
     except ValueError as e:  # a flag's prefill-N / decode-N also named in the topology
         raise ConfigError(f"{e}: --prefill/--decode instances are named prefill-N/decode-N") from None
     return ProxySettings(**base), registry
+
+
+def _topology_cache(topo: Any) -> dict[str, Any]:
+    """The cache server's addresses when ``proxy.cache_lookup`` is on (the topology's checks
+    refused it without ``cache.server``)."""
+    if not topo.proxy.cache_lookup:
+        return {}
+    srv = topo.cache.server
+    host = "127.0.0.1" if srv.host in ("0.0.0.0", "::") else srv.host  # a wildcard bind: dial loopback
+    host = f"[{host}]" if ":" in host else host
+    return {"cache_address": f"{host}:{srv.port}", "cache_http_port": srv.http}
+
+
+def _cache_flags(args: argparse.Namespace) -> dict[str, Any]:
+    from pdfabric.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    if args.cache is not None:
+        host, sep, port = args.cache.rpartition(":")
+        if not sep or not host or "/" in args.cache or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"expected the cache server's HOST:PORT (its engine port), got {args.cache!r}",
+                              path="--cache")
+        out.update(cache_address=args.cache, cache_http_port=None)
+    if args.cache_http is not None:
+        if args.cache is None:
+            raise ConfigError("needs --cache HOST:PORT (the cache server's engine port)", path="--cache-http")
+        if not 0 < args.cache_http < 65536:
+            raise ConfigError(f"expected a port, got {args.cache_http}", path="--cache-http")
+        out["cache_http_port"] = args.cache_http
+    if args.cache_local_tokens is not None:
+        if args.cache_local_tokens < 0:
+            raise ConfigError(f"expected a token count >= 0, got {args.cache_local_tokens}",
+                              path="--cache-local-tokens")
+        out["cache_local_tokens"] = args.cache_local_tokens
+    return out
 
 
 def _keys(text: str) -> tuple[str, ...]:

@@ -81,6 +81,7 @@ def topology_problems(topo: Topology) -> list[Problem]:
         *check_links(topo),
         *check_default_transport(topo),
         *check_cache(topo),
+        *check_proxy(topo),
     ]
 
 
@@ -219,3 +220,13 @@ def check_cache(topo: Topology) -> list[Problem]:
         msg = f"expected a multiple of model.block_size ({bs}), got {ct}"
         problems.append(("cache.chunk_tokens", msg))
     return problems
+
+
+def check_proxy(topo: Topology) -> list[Problem]:
+    """``proxy.cache_lookup`` needs a cache server the proxy can ask."""
+    if topo.proxy.cache_lookup and (topo.cache is None or topo.cache.server is None):
+        where = "no cache section" if topo.cache is None else "a cache without a server (in-process tiers)"
+        msg = (f"expected a cache server to ask (cache.server: {{host, port}}), got {where}; add one or "
+               "set cache_lookup: false")
+        return [("proxy.cache_lookup", msg)]
+    return []

@@ -402,7 +402,12 @@ class CacheConfig(_Frozen):
 
 
 class ProxyConfig(_Frozen):
-    """The routing proxy: where it listens, how it pairs P and D, its limits."""
+    """The routing proxy: where it listens, how it pairs P and D, its limits.
+
+    ``cache_lookup``: ask the topology's cache server (``cache.server``) how much of each
+    prompt is cached; a prompt cached but for at most ``cache_local_tokens`` tokens (keep it
+    equal to the connector's ``cache.local_compute_tokens``) goes to a decode engine alone.
+    Tokenizing and asking take at most ``cache_timeout_s``; past it the request is paired."""
 
     host: Host = "127.0.0.1"
     port: Port = 8000
@@ -415,6 +420,9 @@ class ProxyConfig(_Frozen):
     health_interval_s: Seconds = 2.0
     prefill_attempts: Annotated[int, Field(ge=1)] = 2
     decode_attempts: Annotated[int, Field(ge=1)] = 2
+    cache_lookup: bool = False
+    cache_local_tokens: Annotated[int, Field(ge=0)] = 256
+    cache_timeout_s: Seconds = 0.2
 
 
 # ------------------------------------------------------------------------- topology

@@ -69,7 +69,7 @@ class CacheSettings(BaseModel):
     - ``timeout_s``: the longest a cache call may take before it counts as a miss;
     - ``local_compute_tokens``: a decode request whose prompt is cached but for at most this
       many tokens computes them itself instead of waiting for the producer's push (which is
-      cancelled); 0 always waits for the producer.
+      cancelled); 0 waits for the producer unless the cache holds every prompt token.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)

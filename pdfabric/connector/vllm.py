@@ -87,8 +87,9 @@ def _scheduler_cache(vllm_config: "VllmConfig", settings: Any, engine: str, bloc
         log.error("pdfabric cache: tensor parallel engines cannot use the shared cache yet; it is off")
         return None, None
     if cs.server is not None:
+        # the keying goes to the server, which publishes it for the proxy's lookups (unsalted only)
         return RemoteCacheClient(cs.server, chunk, name=f"{engine}/scheduler", timeout_s=cs.timeout_s,
-                                 chunk_tokens=cs.chunk_tokens), keyer
+                                 chunk_tokens=cs.chunk_tokens, fingerprint=fp, salted=bool(cs.salt)), keyer
     return local_client(cs, chunk), keyer
 
 

@@ -1,10 +1,11 @@
 """A fake vLLM OpenAI server, for proxy tests and the proxy benchmark (no model, no GPU).
 
 Serves ``/v1/completions`` and ``/v1/chat/completions`` (JSON shaped like vLLM's, or SSE:
-one ``data: {...}`` chunk per output token, then ``data: [DONE]``), ``/health`` and
-``/v1/models``. It records every completion request it receives (``requests``: path, body
-with ``kv_transfer_params``, arrival time, and whether the client hung up before the answer
-was complete: ``cancelled``). Asked to produce (``{"pdfabric": "produce", "transfer_id":
+one ``data: {...}`` chunk per output token, then ``data: [DONE]``), ``/health``,
+``/v1/models`` and ``POST /tokenize`` (vLLM's shape; a fake tokenization, ``fake_token_ids``:
+one token per 4 characters; recorded in ``tokenized``). It records every completion request
+it receives (``requests``: path, body with ``kv_transfer_params``, arrival time, and whether
+the client hung up before the answer was complete: ``cancelled``). Asked to produce (``{"pdfabric": "produce", "transfer_id":
 T}``), a prefill-capable fake answers like pdfabric's connector: ``{"pdfabric": "consume",
 "transfer_id": T, "producer": <control>, "num_tokens": N}``.
 
@@ -13,7 +14,8 @@ Faults (``engine.faults``, settable while it runs; for a child process ``POST
 ``hang`` (never answer until the client hangs up), ``cut_after`` (close the connection
 after that many stream chunks; 0: before any answer), ``unhealthy`` (``/health`` 503),
 ``first_token_delay_s`` (wait before the first token, or
-before failing). ``GET /fake/requests`` lists what a
+before failing), ``tokenize_delay_s`` and ``tokenize_status`` (wait before answering
+``/tokenize``, answer it with that HTTP status: 404 is an engine without it). ``GET /fake/requests`` lists what a
 child process received.
 
 In-process: ``port = await FakeEngine("p0", "prefill").start()`` on the running loop, then
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -42,7 +45,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-__all__ = ["FakeEngine", "Faults", "Received", "main"]
+__all__ = ["FakeEngine", "Faults", "Received", "fake_token_ids", "main"]
 
 Role = Literal["prefill", "decode", "both"]
 
@@ -71,6 +74,8 @@ class Faults:
     cut_after: int | None = None
     unhealthy: bool = False
     first_token_delay_s: float = 0.0
+    tokenize_delay_s: float = 0.0
+    tokenize_status: int | None = None
 
 
 class FakeEngine:
@@ -84,6 +89,7 @@ class FakeEngine:
         self._control = control
         self.faults = Faults()
         self.requests: list[Received] = []
+        self.tokenized: list[Received] = []  # POST /tokenize requests
         self.health_checks = 0
         self._runner: web.AppRunner | None = None
         self._n = 0
@@ -104,6 +110,7 @@ class FakeEngine:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/tokenize", self._tokenize)
         app.router.add_post("/fake/faults", self._set_faults)
         app.router.add_get("/fake/requests", self._list_requests)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.2)
@@ -146,6 +153,23 @@ class FakeEngine:
         card = {"id": self.model, "object": "model", "created": int(time.time()), "owned_by": "vllm",
                 "root": self.model, "parent": None, "max_model_len": 4096, "permission": []}
         return web.json_response({"object": "list", "data": [card]})
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return _error(400, "body is not JSON")
+        if not isinstance(body, dict) or not isinstance(body.get("prompt", body.get("messages")), (str, list)):
+            return _error(400, "expected {model, prompt: str} or {model, messages: [...]}")
+        if self.record:
+            self.tokenized.append(Received(request.path, body, time.monotonic(), finished=True))
+        if self.faults.tokenize_delay_s:
+            await asyncio.sleep(self.faults.tokenize_delay_s)
+        if self.faults.tokenize_status is not None:
+            return _error(self.faults.tokenize_status, f"fake engine {self.name}: injected /tokenize failure")
+        tokens = fake_token_ids(_prompt_text(body, "messages" in body))
+        return web.json_response({"count": len(tokens), "max_model_len": 4096, "tokens": tokens,
+                                  "token_strs": None})
 
     async def _set_faults(self, request: web.Request) -> web.Response:
         try:
@@ -269,15 +293,31 @@ def _error(status: int, message: str) -> web.Response:
                               else "InternalServerError", "param": None, "code": status}, status=status)
 
 
-def _prompt_tokens(body: dict[str, Any], chat: bool) -> int:
+def fake_token_ids(text: str) -> list[int]:
+    """The fake's tokenization: one token per 4 characters (the last takes the rest; at least
+    one), each a hash of its characters - deterministic, like a real tokenizer's."""
+    n = max(1, len(text) // 4)
+    out = []
+    for i in range(n):
+        piece = text[4 * i: 4 * i + 4] if i < n - 1 else text[4 * i:]
+        digest = hashlib.blake2b(piece.encode("utf-8", "surrogatepass"), digest_size=4).digest()
+        out.append(int.from_bytes(digest, "little") % 50_000)
+    return out
+
+
+def _prompt_text(body: dict[str, Any], chat: bool) -> str:
     if chat:
         msgs = body.get("messages")
-        text = "".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict)) if isinstance(msgs, list) else ""
-        return max(1, len(text) // 4)
+        return "".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict)) if isinstance(msgs, list) else ""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+    return prompt[0] if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str) else str(prompt)
+
+
+def _prompt_tokens(body: dict[str, Any], chat: bool) -> int:
+    prompt = body.get("prompt")
+    if not chat and isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return max(1, len(prompt))
-    return max(1, len(str(prompt)) // 4)
+    return max(1, len(_prompt_text(body, chat)) // 4)
 
 
 def main(argv: list[str] | None = None) -> int:

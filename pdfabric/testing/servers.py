@@ -1,5 +1,6 @@
-"""Real backing stores for cache tests and benchmarks: ``redis-server`` and moto's S3
-server, each a child process on a free 127.0.0.1 port, stopped by its pid.
+"""Real backing stores for cache tests and benchmarks: ``redis-server``, moto's S3 server
+and ``pdfabric cache-server``, each a child process on a free 127.0.0.1 port, stopped by its
+pid.
 
 ``RedisServer`` can also be killed (SIGKILL), frozen (SIGSTOP) and resumed, and restarted
 on the same port, for the failure tests.
@@ -19,7 +20,8 @@ import time
 from collections.abc import Callable
 from typing import IO, Self
 
-__all__ = ["MotoServer", "RedisServer", "ServerProcess", "free_port", "redis_server_available"]
+__all__ = ["CacheServerProcess", "MotoServer", "RedisServer", "ServerProcess", "free_port",
+           "redis_server_available"]
 
 
 def free_port() -> int:
@@ -186,6 +188,36 @@ class MotoServer(ServerProcess):
             conn.request("GET", "/moto-api/")
             conn.getresponse().read()
             return True
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+
+class CacheServerProcess(ServerProcess):
+    """``pdfabric cache-server`` with an L1 of ``memory`` only; ``address`` is its engine port
+    (``127.0.0.1:PORT``), ``http_port`` serves ``/health``, ``/metrics`` and the admin API."""
+
+    name = "pdfabric cache-server"
+
+    def __init__(self, port: int | None = None, *, http_port: int | None = None, memory: str = "64MiB") -> None:
+        super().__init__(port)
+        self.http_port = http_port or free_port()
+        self.memory = memory
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "pdfabric.cli", "cache-server", "--port", str(self.port),
+                "--http-port", str(self.http_port), "--memory", self.memory]
+
+    def ready(self) -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=0.5)
+        try:
+            conn.request("GET", "/health")
+            return conn.getresponse().status == 200
         except OSError:
             return False
         finally:

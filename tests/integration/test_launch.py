@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,8 +23,38 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def launch(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pdfabric.cli", "launch", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, "COLUMNS": "200", **(env or {})})
+    """Run ``pdfabric launch``; past ``timeout`` it gets SIGTERM (it stops what it started),
+    then SIGKILL, and whatever its ``pids.json`` names is killed too: a launch that
+    unexpectedly got going never outlives the test."""
+    proc = subprocess.Popen([sys.executable, "-m", "pdfabric.cli", "launch", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "COLUMNS": "200", **(env or {})})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        finally:
+            _kill_recorded(args)
+        raise AssertionError(f"pdfabric launch {' '.join(args)} did not end within {timeout}s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _kill_recorded(args: tuple[str, ...]) -> None:
+    if "--log-dir" not in args:
+        return
+    pids = Path(args[args.index("--log-dir") + 1]) / "pids.json"
+    if not pids.exists():
+        return
+    for pid in json.loads(pids.read_text()).values():
+        try:
+            os.killpg(pid, signal.SIGKILL)  # each process leads its own group (start_new_session)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def write_topology(path: Path, base: str = "cpu-1p1d-tcp.yaml", **changes: object) -> Path:

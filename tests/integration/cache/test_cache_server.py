@@ -259,6 +259,24 @@ def test_http_health_metrics_and_admin(server: Server) -> None:
         c.close()
 
 
+def test_health_lists_the_keyings_engines_said_most_recent_first(server: Server) -> None:
+    clients = [RemoteCacheClient(server.address, CHUNK, name="worker"),  # no keys computed: no keying
+               RemoteCacheClient(server.address, CHUNK, fingerprint="fp-a", chunk_tokens=64),
+               RemoteCacheClient(server.address, CHUNK, fingerprint="fp-tenant", chunk_tokens=64, salted=True),
+               RemoteCacheClient(server.address, CHUNK, fingerprint="fp-b", chunk_tokens=32),
+               RemoteCacheClient(server.address, CHUNK, fingerprint="fp-a", chunk_tokens=64)]  # again: first
+    try:
+        for c in clients:
+            assert c.lookup([key(1)]) == 0  # connects, says hello
+        status, body = server.get("/health")
+        assert status == 200
+        assert json.loads(body)["keyings"] == [{"fingerprint": "fp-a", "chunk_tokens": 64},
+                                               {"fingerprint": "fp-b", "chunk_tokens": 32}]
+    finally:
+        for c in clients:
+            c.close()
+
+
 def test_bad_flags_exit_2_naming_the_flag(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "pdfabric.cli", "cache-server", "--port", "0"],
                        capture_output=True, text=True, timeout=30)

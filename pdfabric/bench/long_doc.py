@@ -65,7 +65,7 @@ class _Proc:
 
 
 class _Stack:
-    def __init__(self, model: Path, log_dir: Path, cache: bool, chunk_tokens: int) -> None:
+    def __init__(self, model: Path, log_dir: Path, cache: bool, chunk_tokens: int, proxy_lookup: bool = True) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.cache: _Proc | None = None
         self.cache_http = 0
@@ -80,10 +80,11 @@ class _Stack:
         self.pair = FabricPair(model, log_dir, producer_extra=extra, consumer_extra=extra,
                                engine_args=["--no-enable-prefix-caching"])
         self.proxy_port = free_port()
+        lookup = ["--cache", f"127.0.0.1:{port}", "--cache-http", str(self.cache_http)] if cache and proxy_lookup else []
         self.proxy = _Proc("proxy", [
             _PY, "-m", "pdfabric.cli", "proxy", "--port", str(self.proxy_port),
-            "--prefill", f"{self.pair.prefill.url}@{self.pair.producer_addr}", "--decode", self.pair.decode.url],
-            log_dir / "proxy.log", "pdfabric proxy on")
+            "--prefill", f"{self.pair.prefill.url}@{self.pair.producer_addr}", "--decode", self.pair.decode.url,
+            *lookup], log_dir / "proxy.log", "pdfabric proxy on")
 
     @property
     def url(self) -> str:

@@ -13,7 +13,7 @@ Every round runs baseline and tier back to back (the machine is shared and noisy
 the table shows medians over ``--rounds``. The script starts its own redis-server and
 moto server on free ports and stops them by pid. E.g.::
 
-    python benchmarks/cache_tiers.py --rounds 5 --json /tmp/cache.json
+    python benchmarks/cache_tiers.py --rounds 5 --json cache-tiers.json
     python benchmarks/cache_tiers.py --geometry llama-8b --dtype bfloat16 --tiers memory,disk,redis
 """
 

@@ -298,27 +298,34 @@ RATIOS = {
 }
 
 
+def paired_ratio(tier: Row, base: Row) -> float:
+    """Median over rounds of tier / baseline of the same round: the two ran back to back
+    (``interleaved``), so a noisy stretch of the shared machine hits both sides of a pair."""
+    pairs = [t / b for t, b in zip(tier.gbps, base.gbps) if b]
+    return statistics.median(pairs) if pairs else 0.0
+
+
 def ratios(rows: list[Row]) -> dict[str, dict[str, float]]:
-    """Per dtype: tier median / baseline median."""
+    """Per dtype: the paired ratio of each tier to its baseline."""
     out: dict[str, dict[str, float]] = {}
-    by = {(r.dtype, r.target, r.op): r.median for r in rows}
+    by = {(r.dtype, r.target, r.op): r for r in rows}
     for dtype in sorted({r.dtype for r in rows}):
         for name, (tier, base, op) in RATIOS.items():
-            if (dtype, tier, op) in by and by.get((dtype, base, op)):
-                out.setdefault(dtype, {})[name] = round(by[(dtype, tier, op)] / by[(dtype, base, op)], 3)
+            if (dtype, tier, op) in by and (dtype, base, op) in by:
+                out.setdefault(dtype, {})[name] = round(paired_ratio(by[(dtype, tier, op)], by[(dtype, base, op)]), 3)
     return out
 
 
 def table(rows: list[Row]) -> str:
     base = {"memory": "memcpy", "disk": "file", "redis": "raw-redis"}
-    by = {(r.dtype, r.target, r.op): r.median for r in rows}
+    by = {(r.dtype, r.target, r.op): r for r in rows}
     lines = [
         f"{'geometry':9} {'dtype':9} {'chunk':>8} {'n':>4} {'target':10} {'op':4} "
         f"{'GB/s':>7} {'min':>7} {'max':>7} {'vs base':>8}"
     ]
     for r in rows:
         ref = by.get((r.dtype, base.get(r.target, ""), r.op))
-        ratio = f"{r.median / ref:.2f}x" if ref else ""
+        ratio = f"{paired_ratio(r, ref):.2f}x" if ref else ""
         lines.append(
             f"{r.geometry:9} {r.dtype:9} {format_size(r.chunk_bytes):>8} {r.chunks:>4} {r.target:10} "
             f"{r.op:4} {r.median:7.2f} {min(r.gbps):7.2f} {max(r.gbps):7.2f} {ratio:>8}"

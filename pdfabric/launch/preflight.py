@@ -50,6 +50,9 @@ def _ports(plan: list[ProcSpec]) -> list[str]:
     for spec in plan:
         for host, port in spec.ports:
             with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+                # as the servers themselves bind (uvicorn, aiohttp, ZMQ): connections of a
+                # previous run lingering in TIME_WAIT do not make a port busy, a listener does
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s.bind((host, port))
                 except OSError as e:

@@ -107,6 +107,27 @@ def test_port_clash_is_refused_at_preflight(tmp_path: Path) -> None:
     assert not (tmp_path / "logs" / "pids.json").exists()
 
 
+def test_connections_of_a_previous_run_in_time_wait_do_not_block_a_relaunch() -> None:
+    """A launch right after another one ended: the ports still have TIME_WAIT connections
+    (the side that closed first keeps them ~60 s), and nothing listens. Preflight must not
+    refuse them; a listener must still be refused."""
+    from pdfabric.launch.plan import ProcSpec
+    from pdfabric.launch.preflight import _ports
+
+    with socket.socket() as lst:
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind(("127.0.0.1", 0))
+        lst.listen()
+        port = lst.getsockname()[1]
+        spec = ProcSpec("engine-x", "engine", ["true"], {}, "http://x", (("127.0.0.1", port),))
+        cli = socket.create_connection(("127.0.0.1", port))
+        conn, _ = lst.accept()
+        conn.close()  # the server side closes first: TIME_WAIT on 127.0.0.1:port
+        cli.close()
+        assert _ports([spec]) and "is not free" in _ports([spec])[0]  # still listening
+    assert _ports([spec]) == []  # only TIME_WAIT left
+
+
 def test_missing_model_is_refused(tmp_path: Path) -> None:
     topo = write_topology(tmp_path / "t.yaml", model={"path": str(tmp_path / "nope"), "block_size": 32})
     r = launch(str(topo))

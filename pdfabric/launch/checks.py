@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,9 @@ def post_start_checks(topo: Topology, key: bytes, console: Console, probe_tokens
     from pdfabric.testing.pairing import pair_completion
 
     limit = (topo.model.max_model_len or 4096) - 8
-    prompt = make_prompt(min(probe_tokens, limit), seed=1, vocab=1000)
+    # a new prompt every launch: one the shared cache (or an engine's prefix cache) already
+    # holds from an earlier run would be served without a transfer
+    prompt = make_prompt(min(probe_tokens, limit), seed=int.from_bytes(os.urandom(4), "little"), vocab=1000)
     for p in (i for i in topo.instances if i.can_prefill and i.control_port is not None):
         for d in (i for i in topo.instances if i.can_decode and i is not p):
             before = _status(d, key).counters.get("recomputes", 0) if d.control_port else 0

@@ -56,6 +56,7 @@ class DemoRow:
     kv_wait_s: float | None = None
     push_s: float | None = None
     push_bytes: int | None = None
+    cached_tokens: int | None = None  # prompt tokens the shared cache served (proxy cache lookup on)
 
 
 def _stream(host: str, port: int, body: dict[str, Any], api_key: str | None) -> tuple[str, float, float, dict[str, str]]:
@@ -102,6 +103,8 @@ def run_demo(topo: Topology, secret: bytes, console: Console, questions: int = 5
                 "max_tokens": max_tokens, "temperature": 0, "stream": True}
         text, ttft, total, hdrs = _stream(host, port, body, None)
         row = DemoRow(q, text.strip(), ttft, total, hdrs.get("x-pdfabric-transfer-id", ""))
+        if hdrs.get("x-pdfabric-cached-tokens", "").isdigit():
+            row.cached_tokens = int(hdrs["x-pdfabric-cached-tokens"])
         time.sleep(0.2)  # let the engines' connectors record the transfer
         got = _lookup(topo, hdrs.get("x-pdfabric-decode"), secret, row.transfer_id, "recent")
         if got:
@@ -120,10 +123,16 @@ def _ms(v: float | None) -> str:
 
 def _table(rows: list[DemoRow]) -> Table:
     t = Table(title="pdfabric demo: one document, different questions (through the proxy)")
-    for col in ("question", "answer", "TTFT ms", "kv wait ms", "push ms", "push GB/s", "first token ms", "total ms"):
+    cache = any(r.cached_tokens is not None for r in rows)
+    cols = ["question", "answer", "TTFT ms", "kv wait ms", "push ms", "push GB/s", "first token ms", "total ms"]
+    for col in cols + (["cached tokens"] if cache else []):
         t.add_column(col, overflow="fold")
     for r in rows:
         gbps = "-" if not r.push_s or not r.push_bytes else f"{r.push_bytes / r.push_s / 1e9:.2f}"
         first = None if r.kv_wait_s is None else max(0.0, r.ttft_s - r.kv_wait_s)
-        t.add_row(r.question, r.answer[:60], _ms(r.ttft_s), _ms(r.kv_wait_s), _ms(r.push_s), gbps, _ms(first), _ms(r.total_s))
+        cells = [r.question, r.answer[:60], _ms(r.ttft_s), _ms(r.kv_wait_s), _ms(r.push_s), gbps, _ms(first), _ms(r.total_s)]
+        t.add_row(*cells, *([str(r.cached_tokens if r.cached_tokens is not None else "-")] if cache else []))
+    if cache:
+        t.caption = ("cached tokens: leading prompt tokens the shared cache holds; a question whose rest is short "
+                     "is served by the decode engine alone (no push)")
     return t

@@ -173,3 +173,24 @@ def test_cpu_1p1d_demo_end_to_end(tmp_path: Path) -> None:
     assert "link prefill-0 -> decode-0 (tcp)" in out and "GB/s" in out
     assert "pdfabric demo" in out and "TTFT ms" in out
     assert_all_gone(logs)
+
+
+@pytest.mark.timeout(900)
+def test_cpu_1p1d_cache_demo_twice_with_the_cache_kept_between_launches(tmp_path: Path) -> None:
+    """The cache topology as a user runs it, twice: the second launch finds the first one's
+    chunks on disk (its link probe must still transfer), and the proxy serves the document's
+    questions from the cache."""
+    ports = iter(free_port() for _ in range(2))
+    cache = {"chunk_tokens": 64, "server": {"host": "127.0.0.1", "port": next(ports), "http_port": next(ports)},
+             "tiers": [{"kind": "memory", "size": "256MiB"}, {"kind": "disk", "path": str(tmp_path / "l2"),
+                                                               "size": "1GiB"}]}
+    topo = write_topology(tmp_path / "t.yaml", base="cpu-1p1d-cache.yaml", cache=cache)
+    for run in (1, 2):
+        logs = tmp_path / f"logs-{run}"
+        r = launch(str(topo), "--demo", "--log-dir", str(logs), timeout=800)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out = r.stdout + r.stderr
+        assert "link prefill-0 -> decode-0 (tcp)" in out and "cached tokens" in out
+        assert "cache-server" in json.loads((logs / "pids.json").read_text())
+        assert_all_gone(logs)
+    assert any((tmp_path / "l2").rglob("*.kv"))  # the disk tier outlived both cache servers

@@ -158,6 +158,11 @@ def test_prefill_held_without_consumer_is_freed_by_its_lease(pair: FabricPair, v
     p_body = {"prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"pdfabric": "produce", "transfer_id": f"lonely-{uuid.uuid4().hex}"}}
     out = pair.prefill.complete(p_body)
     assert out["kv_transfer_params"]["pdfabric"] == "consume"  # what a sequential client would forward
+    # the worker learns that the request ended (and holds its blocks) at the engine's next
+    # step, which can come just after the answer reached us
+    deadline = time.monotonic() + 2.0
+    while _counter(pair, "prefill", "held_requests") != 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert _counter(pair, "prefill", "held_requests") == 1
     assert pair.wait_idle(20) == []  # lease 8 s
     assert _counter(pair, "prefill", "producer_lease_expired") == expired0 + 1

@@ -5,7 +5,8 @@ the tests, 4 layers, 2 KV heads, head dim 64, block 16; ``--geometry llama-8b`` 
 layers, 8 KV heads, head dim 128) in each ``--dtype``. Baselines, same bytes, same batches:
 
     memory  numpy copyto into preallocated buffers (memcpy)
-    disk    plain files in the same directory: open/write, open/readinto
+    disk    plain files in the same directory: open/write, open/readinto (one thread; the
+            tier reads and writes a batch in --disk-read-threads lanes, default 2)
     redis   raw redis-py pipelines of SET / GET of the whole chunk
     s3      (no baseline: moto is a Python server, numbers show the tier works at all)
 
@@ -253,7 +254,7 @@ def run_one(
     if "disk" in tiers:
         root = tempfile.mkdtemp(prefix="cache-bench-", dir=work_dir)
         try:
-            with DiskTier(os.path.join(root, "tier"), 2 * chunks * cb) as d:
+            with DiskTier(os.path.join(root, "tier"), 2 * chunks * cb, read_threads=args.disk_read_threads) as d:
                 rows += interleaved([("file", file_ops(root, w)), ("disk", tier_ops(d, w))], w, args.rounds, meta)
         finally:
             shutil.rmtree(root, ignore_errors=True)
@@ -342,6 +343,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="chunks per call")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tiers", default="memory,disk,redis,s3")
+    p.add_argument("--disk-read-threads", type=int, default=2, help="disk tier read_threads (1: no parallel lanes)")
     p.add_argument("--part-bytes", type=parse_size, default=parse_size("1MiB"), help="redis part size")
     p.add_argument("--s3-chunks", type=int, default=16, help="chunks per s3 round (moto is slow)")
     p.add_argument("--dir", default=None, help="where disk tier and plain files go (default: a temp dir)")

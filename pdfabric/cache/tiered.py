@@ -568,7 +568,7 @@ def build_tier(
     if spec.kind == "disk":
         from pdfabric.cache.disk_tier import DiskTier
 
-        return DiskTier(path_of(spec.path), spec.size, name="disk")
+        return DiskTier(path_of(spec.path), spec.size, name="disk", read_threads=spec.read_threads)
     if spec.kind == "redis":
         from pdfabric.cache.redis_tier import RedisTier
 

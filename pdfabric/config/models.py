@@ -327,6 +327,7 @@ class DiskTier(_Frozen):
     kind: Literal["disk"] = "disk"
     path: Annotated[str, Field(min_length=1)]
     size: PositiveSize
+    read_threads: Annotated[int, Field(ge=1, le=16)] = 2
 
 
 class RedisTier(_Frozen):

@@ -148,3 +148,32 @@ def test_restart_with_a_smaller_budget_evicts(tmp_path: Path, chunk_f32: int) ->
     with DiskTier(tmp_path, 3 * (HEADER_BYTES + chunk_f32)) as d:
         assert d.stats().entries == 3 and len(_files(tmp_path)) == 3
     assert os.path.exists(tmp_path / ".lock")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_batches_read_and_written_in_lanes_keep_every_outcome(tmp_path: Path, chunk_f32: int, threads: int) -> None:
+    import threading
+
+    keys, chunks = make_keys(9), make_chunks(9, chunk_f32)
+    with DiskTier(tmp_path, 20 * chunk_f32, read_threads=threads) as d:
+        assert d.put(list(zip(keys[:8], chunks[:8]))) == [PutOutcome.STORED] * 8
+        h = keys[5].hex()  # lane 5 % threads: corrupt one that another lane reads
+        path = tmp_path / h[:2] / h[2:4] / f"{h}.kv"
+        raw = bytearray(path.read_bytes())
+        raw[HEADER_BYTES + 7] ^= 0x40
+        path.write_bytes(bytes(raw))
+        order = [keys[8], *keys[:8]]  # a miss first, then the stored ones
+        dsts = _dsts(9, chunk_f32)
+        want = [GetOutcome.MISS] + [GetOutcome.CORRUPT if i == 5 else GetOutcome.HIT for i in range(8)]
+        assert d.get_into(order, dsts) == want
+        assert all(np.array_equal(dsts[i + 1], chunks[i]) for i in range(8) if i != 5)
+        s = d.stats()
+        assert (s.hits, s.misses, s.corrupt, s.entries) == (7, 1, 1, 7)
+        readers = [t for t in threading.enumerate() if t.name.startswith("pdfabric-disk-read")]
+        assert len(readers) == (threads - 1)
+    assert not [t for t in threading.enumerate() if t.name.startswith("pdfabric-disk-read")]
+
+
+def test_read_threads_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="read_threads must be >= 1, got 0"):
+        DiskTier(tmp_path, 1 << 20, read_threads=0)

@@ -406,8 +406,9 @@ class ProxyConfig(_Frozen):
     """The routing proxy: where it listens, how it pairs P and D, its limits.
 
     ``cache_lookup``: ask the topology's cache server (``cache.server``) how much of each
-    prompt is cached; a prompt cached but for at most ``cache_local_tokens`` tokens (keep it
-    equal to the connector's ``cache.local_compute_tokens``) goes to a decode engine alone.
+    prompt is cached; a prompt cached but for at most ``cache_local_tokens`` tokens goes to a
+    decode engine alone (engines of this topology take it as their connector's
+    ``cache.local_compute_tokens`` unless their extra config sets it).
     Tokenizing and asking take at most ``cache_timeout_s``; past it the request is paired."""
 
     host: Host = "127.0.0.1"

@@ -184,15 +184,20 @@ def resolve_settings(extra: dict[str, Any] | None, *, needs_control_port: bool) 
     )
 
 
-def _topology_cache(topo_cache: CacheConfig | None, inline: CacheSettings | None) -> CacheSettings | None:
+def _topology_cache(topo_cache: CacheConfig | None, inline: CacheSettings | None,
+                    local_tokens: int) -> CacheSettings | None:
     """The topology's ``cache`` section as connector settings (inline ``cache`` keys other
-    than where the cache lives, e.g. ``store``, ``salt``, ``timeout_s``, still apply)."""
+    than where the cache lives, e.g. ``store``, ``salt``, ``timeout_s``, still apply).
+    ``local_compute_tokens`` defaults to the proxy's ``cache_local_tokens`` of the same
+    topology, so the proxy's "mostly cached" and the connector's agree by default."""
     if topo_cache is None:
         return inline
     if inline is not None and (inline.server is not None or inline.tiers is not None):
         raise ConfigError("'cache.server'/'cache.tiers' come from the topology file's cache section when "
                           "'topology' is set; keep only store/salt/timeout_s here", path="cache", source=SOURCE)
     extra = inline.model_dump(exclude={"server", "tiers", "chunk_tokens"}) if inline is not None else {}
+    if inline is None or "local_compute_tokens" not in inline.model_fields_set:
+        extra["local_compute_tokens"] = local_tokens
     srv = topo_cache.server
     where: dict[str, Any] = ({"server": f"{srv.host}:{srv.port}"} if srv is not None
                              else {"tiers": list(topo_cache.tiers)})
@@ -219,7 +224,7 @@ def _from_topology(s: ConnectorSettings) -> tuple[Any, str, int | None, bytes, s
     if secret is not None and s.secret is not None:
         raise ConfigError("'secret' is set both here and in the topology file; remove one of them",
                           path="secret", source=SOURCE)
-    cache = _topology_cache(topo.cache, s.cache)
+    cache = _topology_cache(topo.cache, s.cache, topo.proxy.cache_local_tokens)
     if secret is None:  # e.g. the launcher's per-launch secret for a topology that names none
         value, where = _secret(s.secret, None, None)
         return topo.transport, inst.host, inst.control_port, value, where, cache

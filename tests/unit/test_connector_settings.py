@@ -159,3 +159,18 @@ def test_secret_in_both_places_is_refused(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv(ENV, "topo-secret")
     err = refused({"topology": str(topo), "instance": "prefill-0", "secret": {"env": ENV}})
     assert err.path == "secret" and "both" in err.message
+
+
+def test_topology_cache_takes_local_tokens_from_the_proxy(tmp_path: Path) -> None:
+    text = (REPO / "configs" / "cpu-1p1d-cache.yaml").read_text()
+    topo = tmp_path / "t.yaml"
+    topo.write_text(text.replace("  cache_lookup: true", "  cache_lookup: true\n  cache_local_tokens: 96"))
+    r = resolve_settings({"topology": str(topo), "instance": "decode-0"}, needs_control_port=False)
+    assert r.cache is not None and r.cache.local_compute_tokens == 96 and r.cache.chunk_tokens == 64
+    assert r.cache.server == "127.0.0.1:8300"
+    inline = resolve_settings({"topology": str(topo), "instance": "decode-0", "cache": {"local_compute_tokens": 0}},
+                              needs_control_port=False)
+    assert inline.cache is not None and inline.cache.local_compute_tokens == 0  # an inline value wins
+    default = resolve_settings({"topology": str(REPO / "configs" / "cpu-1p1d-cache.yaml"), "instance": "decode-0"},
+                               needs_control_port=False)
+    assert default.cache is not None and default.cache.local_compute_tokens == 256

@@ -196,8 +196,12 @@ class CacheView:
                 c["cache_tokenize_failed"] += 1
                 return None
         n = len(ids)
+        salt = body.get("cache_salt")  # vLLM's per-request salt seeds the engine's keys too
+        if salt is not None and not isinstance(salt, str):
+            c["cache_untokenized"] += 1
+            return None
         try:
-            keys = keyer.keys(ids[: n - 1])
+            keys = keyer.keys(ids[: n - 1], salt=salt)
         except ValueError:  # token ids out of range: the engine refuses the request itself
             c["cache_untokenized"] += 1
             return None

@@ -22,6 +22,13 @@ Rule 3 - isolation. The fingerprint (model and KV layout, e.g.
 models, layouts or tenants never share a key; the fingerprint is also mixed into every
 step. Keys are 128 bits: collisions are not a practical concern.
 
+Rule 4 - what the tokens do not say. A request's own salt (vLLM's ``cache_salt``) seeds
+its chain anew, ``seed' = SHA-256(seed | "request-salt" | len | salt)[:16]``, and content
+that hides behind placeholder tokens (an image, an audio clip: the same placeholder ids
+for every image) is named by *extras*, ``(token position, identifier)`` pairs: a chunk
+holding the position of an extra mixes ``len | identifier`` of each into its step, and the
+chain carries it into every later chunk. With neither, keys are exactly as above.
+
 ``chunk_tokens`` must be a positive multiple of the engine's block size, so a chunk is a
 whole number of KV blocks.
 """
@@ -153,14 +160,30 @@ class ChunkKeyer:
         """How many full chunks ``num_tokens`` tokens make."""
         return num_tokens // self.chunk_tokens
 
-    def keys(self, token_ids: Sequence[int] | np.ndarray) -> list[ChunkKey]:
-        """Keys of every full chunk of ``token_ids``, in order (the prefix chain)."""
+    def keys(
+        self,
+        token_ids: Sequence[int] | np.ndarray,
+        *,
+        salt: str | bytes | None = None,
+        extras: Sequence[tuple[int, bytes]] = (),
+    ) -> list[ChunkKey]:
+        """Keys of every full chunk of ``token_ids``, in order (the prefix chain); ``salt``
+        and ``extras`` as Rule 4 says."""
         n = self.num_chunks(len(token_ids)) * self.chunk_tokens
         data = _token_bytes(token_ids, n)
         step = self.chunk_tokens * 4
         prev, fp, out = self._seed, self._fp, []
-        for off in range(0, len(data), step):
-            prev = hashlib.sha256(prev + data[off : off + step] + fp).digest()[:KEY_BYTES]
+        if salt:
+            b = _salt_bytes(salt)
+            prev = hashlib.sha256(prev + b"request-salt" + len(b).to_bytes(4, "little") + b).digest()[:KEY_BYTES]
+        mixed: dict[int, bytes] = {}
+        for pos, ident in sorted(extras):
+            if pos < 0:
+                raise ValueError(f"extra at token position {pos}: positions are >= 0")
+            c = pos // self.chunk_tokens
+            mixed[c] = mixed.get(c, b"") + len(ident).to_bytes(4, "little") + ident
+        for c, off in enumerate(range(0, len(data), step)):
+            prev = hashlib.sha256(prev + data[off : off + step] + fp + mixed.get(c, b"")).digest()[:KEY_BYTES]
             out.append(ChunkKey(prev))
         return out
 

@@ -67,6 +67,21 @@ def prompt_len(request: "Request") -> int:
     return int(request.num_prompt_tokens)
 
 
+def cache_identity(request: "Request") -> tuple[str | None, list[tuple[int, bytes]] | None]:
+    """What besides its token ids names a request's KV: its ``cache_salt`` and one
+    ``(placeholder offset, identifier)`` per multimodal item (the placeholder ids are the
+    same for every image). ``None`` extras: an item without both (do not cache it)."""
+    salt = getattr(request, "cache_salt", None)
+    extras: list[tuple[int, bytes]] = []
+    for f in getattr(request, "mm_features", None) or ():
+        pos = getattr(getattr(f, "mm_position", None), "offset", None)
+        ident = getattr(f, "identifier", None) or getattr(f, "mm_hash", None)
+        if pos is None or not ident:
+            return salt, None
+        extras.append((int(pos), str(ident).encode()))
+    return salt if isinstance(salt, str) and salt else None, extras
+
+
 def is_aborted(request: "Request") -> bool:
     from vllm.v1.request import RequestStatus
 

@@ -141,13 +141,23 @@ class FabricScheduler:
         rid = request.request_id
         if rid not in self._lookups:
             tokens = request.prompt_token_ids or []
-            keys = self.keyer.keys(tokens[: compat.prompt_len(request) - 1])
+            keys = self._keys(request, tokens[: compat.prompt_len(request) - 1])
             n = self.cache.lookup(keys) if keys else 0
             self.counters["cache_lookups"] += 1
             self.counters["cache_lookup_chunks"] += len(keys)
             self.counters["cache_hit_chunks"] += n
             self._lookups[rid] = (keys, n)
         return self._lookups[rid][1] * self.keyer.chunk_tokens
+
+    def _keys(self, request: "Request", tokens: Any) -> list[bytes]:
+        """Chunk keys of ``tokens`` with the request's salt and multimodal items mixed in
+        (none for a request whose items cannot be named: it neither loads nor stores)."""
+        assert self.keyer is not None
+        salt, extras = compat.cache_identity(request)
+        if extras is None:
+            self.counters["cache_unkeyable"] += 1
+            return []
+        return list(self.keyer.keys(tokens, salt=salt, extras=extras))
 
     def update_state_after_alloc(self, request: "Request", block_ids: list[int], num_external_tokens: int) -> None:
         p = self.params(request)
@@ -254,7 +264,7 @@ class FabricScheduler:
         its blocks must be held until the store is done."""
         assert self.cache is not None and self.keyer is not None
         tokens = list(request.all_token_ids)[: request.num_computed_tokens]
-        keys = self.keyer.keys(tokens)
+        keys = self._keys(request, tokens)
         bpc = self.keyer.chunk_tokens // self.block_size
         if not keys or len(block_ids) < len(keys) * bpc:
             return False

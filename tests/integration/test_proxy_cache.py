@@ -40,10 +40,11 @@ def cache_server() -> Iterator[CacheServerProcess]:
         yield srv  # type: ignore[misc]
 
 
-def fill(srv: CacheServerProcess, tokens: list[int], chunks: int | None = None, fingerprint: str = FP) -> None:
+def fill(srv: CacheServerProcess, tokens: list[int], chunks: int | None = None, fingerprint: str = FP,
+         salt: str | None = None) -> None:
     """Cache the leading ``chunks`` chunks of ``tokens`` (all but the last token: all it has)
     as an engine's scheduler would: its Hello tells the server the keying."""
-    keys = ChunkKeyer.create(fingerprint, CT).keys(tokens[:-1])
+    keys = ChunkKeyer.create(fingerprint, CT).keys(tokens[:-1], salt=salt)
     keys = keys[:chunks] if chunks is not None else keys
     c = RemoteCacheClient(srv.address, CHUNK_BYTES, name="test-engine", fingerprint=fingerprint, chunk_tokens=CT)
     try:
@@ -87,6 +88,22 @@ def test_a_prompt_cached_but_its_last_token_goes_to_decode_alone(make_stack: Mak
     assert m['pdfabric_proxy_decode_alone_total{reason="policy"}'] == 0
     assert m["pdfabric_proxy_cache_hit_tokens_total"] == 8 * CT
     assert m["pdfabric_proxy_cache_lookup_seconds_count"] == 2
+
+
+def test_a_request_cache_salt_looks_up_its_own_chunks(make_stack: MakeStack,
+                                                       cache_server: CacheServerProcess) -> None:
+    s = stack_on(make_stack, cache_server)
+    p0, d0 = s.prefills[0], s.decodes[0]
+    plain, salted = ids(3000, 3 * CT + 1), ids(3500, 3 * CT + 1)
+    fill(cache_server, plain)
+    fill(cache_server, salted, salt="tenant-a")
+    r = s.complete(plain, cache_salt="tenant-a")  # cached, but not for this tenant: paired
+    assert r.status_code == 200 and r.headers["x-pdfabric-cached-tokens"] == "0" and len(p0.requests) == 1
+    r = s.complete(salted, cache_salt="tenant-a")  # this tenant's chunks: decode alone
+    assert r.status_code == 200 and r.headers["x-pdfabric-cached-tokens"] == str(3 * CT), r.text
+    assert len(p0.requests) == 1 and d0.requests[-1].body["cache_salt"] == "tenant-a"
+    r = s.complete(salted)  # the same prompt without the salt does not see them
+    assert r.status_code == 200 and r.headers["x-pdfabric-cached-tokens"] == "0" and len(p0.requests) == 2
 
 
 def test_the_rest_decides_alone_or_paired(make_stack: MakeStack, cache_server: CacheServerProcess) -> None:

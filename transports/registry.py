@@ -20,13 +20,15 @@ TRANSPORTS: dict[str, tuple[str, str, str]] = {
     "loopback": ("pdfabric.transports.loopback", "LoopbackTransport", ""),
     "nixl": ("pdfabric.transports.nixl", "NixlTransport",
              "pip install --no-deps nixl nixl-cu12 nixl-cu13 (or pip install 'pdfabric[nixl]')"),
-    "ucx": ("pdfabric.transports.ucx", "UcxTransport", "pip install 'pdfabric[ucx]'"),
+    "ucx": ("pdfabric.transports.ucx", "UcxTransport",
+            "pip install ucxx-cu12==0.52.0 libucx-cu12==1.21.0 (or pip install 'pdfabric[ucx]'); no GPU needed"),
     "cuda_ipc": ("pdfabric.transports.cuda_ipc", "CudaIpcTransport", "pip install 'pdfabric[cuda]' on a CUDA machine"),
 }
 
 
 def transport_class(name: str) -> type[Transport]:
-    """The class for ``name``; TransportUnavailable (with the fix) when it cannot load."""
+    """The class for ``name``; TransportUnavailable (with the fix) when it cannot load, or
+    when its module's ``unavailable_reason()`` says it cannot run on this machine."""
     try:
         module, cls, hint = TRANSPORTS[name]
     except KeyError:
@@ -42,6 +44,11 @@ def transport_class(name: str) -> type[Transport]:
             ) from e
         fix = f" - {hint}" if hint else ""
         raise TransportUnavailable(f"transport {name!r} is not available: {e}{fix}", transport=name) from e
+    # a backend whose module imports everywhere says here what an import cannot tell
+    # (cuda_ipc: no CUDA device); the reason names the fix
+    reason = getattr(mod, "unavailable_reason", lambda: "")()
+    if reason:
+        raise TransportUnavailable(f"transport {name!r} is not available: {reason}", transport=name)
     result: type[Transport] = getattr(mod, cls)
     return result
 

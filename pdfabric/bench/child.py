@@ -18,9 +18,30 @@ import numpy as np
 from pdfabric.memory import Region
 from pdfabric.testing.peer import Child, main
 
-__all__ = ["BenchChild"]
+__all__ = ["BenchChild", "device_buffer"]
 
 RAW_HDR = struct.Struct("!QB")  # payload length, echo flag
+
+
+def device_buffer(size: int, fill: str = "zero", seed: int = 0) -> tuple[Any, Region]:
+    """``size`` bytes of GPU memory (a cupy array on the current device) and its region.
+
+    ``fill``: "zero", "ones", or "random" - a hash of the word index made on the GPU
+    (bandwidth runs need bytes that are not all equal, not a host RNG's GiBs to upload)."""
+    import cupy as cp
+
+    words = -(-size // 8)
+    if fill == "random":
+        a = cp.arange(seed * words, (seed + 1) * words, dtype=cp.uint64)
+        a *= cp.uint64(0x9E3779B97F4A7C15)
+        a ^= a >> cp.uint64(29)
+    elif fill == "ones":
+        a = cp.full(words, 0x0101010101010101, dtype=cp.uint64)
+    else:
+        a = cp.zeros(words, dtype=cp.uint64)
+    buf = a.view(cp.uint8)[:size]
+    cp.cuda.get_current_stream().synchronize()  # filled before any other stream or process reads it
+    return buf, Region(int(buf.data.ptr), size)
 
 
 class BenchChild(Child):
@@ -30,6 +51,15 @@ class BenchChild(Child):
         self._raw_thread: threading.Thread | None = None
         self._shm: shared_memory.SharedMemory | None = None
         self._raw_nixl: Any = None
+
+    def alloc(self, size: int, fill: str = "zero", seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+        """``device="cuda"``: the buffer is GPU memory (``--device cuda`` runs)."""
+        if device == "cpu":
+            return super().alloc(size, fill, seed)
+        buf, r = device_buffer(size, fill, seed)
+        self.buffers.append(buf)
+        self.t.register([r])
+        return {"addr": r.addr, "size": r.length}
 
     def grant_many(self, tids: list[str], regions: list[list[int]]) -> dict[str, Any]:
         rs = [Region(a, n) for a, n in regions]

@@ -14,10 +14,18 @@ Baselines, measured in the same run on the same sizes:
   child that ``recv_into``s it and acks one byte;
 - ``shm_copy``: one copy into a shared-memory segment the child mapped;
 - ``raw_nixl``: the same scattered blocks written straight through ``nixl_agent`` to a
-  child's agent (``pdfabric.bench.raw_nixl``; prepared lists, WRITE, poll to DONE).
+  child's agent (``pdfabric.bench.raw_nixl``; prepared lists, WRITE, poll to DONE);
+- ``d2d_copy`` (``--device cuda``): one ``cudaMemcpyAsync`` of ``size`` contiguous bytes
+  from GPU memory to GPU memory on the same device, synchronized - the bar for ``cuda_ipc``
+  and ``nixl`` when the pools (ours and the child's) are GPU memory.
 Ratios: ``nixl`` against ``raw_nixl`` (block workloads; also in ``ratio_to_raw_nixl``),
-other network transports against ``raw_socket``, same-host ones against ``memcpy``. Every
+other network transports against ``raw_socket``, same-host ones - and ``ucx``, whose path
+to the child on this host is one cross-memory copy - against ``memcpy``. Every
 row also carries ``ratio_to_memcpy``, against the memcpy measured on its own at the end.
+Peer rows (``run_benchmark(peers=["mooncake"])``): Mooncake's transfer engine over TCP
+moves the same block plans from this process into a child (``MooncakeTcp``), compared with
+``raw_socket`` like the network transports; a peer that cannot load here has no row and
+its reason in ``skipped_peers``.
 Latency: one 4 KiB block, one-way (write -> receiver's ``wait_recv`` returns, on the shared
 monotonic clock), against the raw socket's half round trip with 4 KiB each way.
 """
@@ -36,15 +44,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pdfabric.bench.child import RAW_HDR
+from pdfabric.bench.child import RAW_HDR, device_buffer
 from pdfabric.memory import Region, region_of
 from pdfabric.testing.peer import PeerProcess, decode_descriptor
 from pdfabric.transports import PeerId, TransferId, TransferPlan, Transport, create
 from pdfabric.units import format_size
 
-__all__ = ["Row", "TransferBench", "WORKLOADS", "SAME_HOST", "run_benchmark"]
+__all__ = ["Row", "TransferBench", "WORKLOADS", "SAME_HOST", "DEVICE_ONLY", "run_benchmark"]
 
 SAME_HOST = {"shm", "loopback", "cuda_ipc"}
+DEVICE_ONLY = {"cuda_ipc"}  # moves GPU memory only: needs --device cuda
 WORKLOADS = {
     # name: (layers, kv_heads, head_dim, block_size tokens, dtype bytes, layout kind)
     "llama8b": (32, 8, 128, 16, 2, "flash_nhd"),
@@ -87,13 +96,17 @@ def _median_gbps(nbytes: int, seconds: Sequence[float]) -> float:
 class TransferBench:
     """Holds the processes and buffers of one benchmark run; ``close()`` stops them."""
 
-    def __init__(self, rounds: int, progress: Callable[[], None] = lambda: None, seed: int = 0) -> None:
+    def __init__(
+        self, rounds: int, progress: Callable[[], None] = lambda: None, seed: int = 0, device: str = "cpu"
+    ) -> None:
         self.rounds = rounds
+        self.device = device
+        self._on = {"device": device} if device != "cpu" else {}  # child alloc requests
         self.progress = progress
         self.rng = np.random.default_rng(seed)
         self._children: list[PeerProcess] = []
         self._transports: list[Transport] = []
-        self._keep: list[np.ndarray] = []
+        self._keep: list[Any] = []
         self.ack_half_rtt: list[float] = []
         self.last_blocks: tuple[int, np.ndarray, np.ndarray] | None = None  # block, src ids, dst ids
 
@@ -110,8 +123,18 @@ class TransferBench:
 
     # -- baselines (each an object whose round() is interleaved with the transport's) --
     def baseline(self, kind: str, size: int, echo: bool = False) -> "Baseline":
-        cls = {"memcpy": Memcpy, "raw_socket": RawSocket, "shm_copy": ShmCopy, "raw_nixl": RawNixl}[kind]
+        cls = {"memcpy": Memcpy, "raw_socket": RawSocket, "shm_copy": ShmCopy, "raw_nixl": RawNixl, "d2d_copy": D2dCopy}[kind]
         return cls(self, size, echo)
+
+    def buffer(self, size: int, fill: str = "random") -> Region:
+        """A buffer of ours on the run's device, kept until the next ``pools``/``plan_kv``."""
+        if self.device == "cpu":
+            buf: Any = self.rng.integers(0, 256, size, dtype=np.uint8) if fill == "random" else np.ones(size, np.uint8)
+            region = region_of(buf)
+        else:
+            buf, region = device_buffer(size, fill, int(self.rng.integers(1 << 20)))
+        self._keep.append(buf)
+        return region
 
     # -- transports ----------------------------------------------------------------------
     def open_transport(self, name: str, options: dict[str, Any]) -> tuple[Transport, PeerProcess, PeerId]:
@@ -126,10 +149,9 @@ class TransferBench:
         the previous pools are freed first."""
         self._keep = []
         child.request("free_all")
-        pool = self.rng.integers(0, 256, 2 * size, dtype=np.uint8)
-        self._keep.append(pool)
-        t.register([region_of(pool)])
-        return region_of(pool).addr, child.request("alloc", size=2 * size)["addr"]
+        pool = self.buffer(2 * size)
+        t.register([pool])
+        return pool.addr, child.request("alloc", size=2 * size, **self._on)["addr"]
 
     def plan_blocks(self, size: int, block: int, src_base: int, dst_base: int) -> tuple[list[Region], list[list[int]]]:
         """Scattered source blocks -> scattered destination blocks, both in 2x pools."""
@@ -152,11 +174,11 @@ class TransferBench:
         n = max(1, size // per_block)
         geo = KVGeometry(kind, layers, 2 * n, bs, heads, hd, "bfloat16", esz)  # type: ignore[arg-type]
         child.request("free_all")
-        pools = [self.rng.integers(0, 256, geo.layer_bytes, dtype=np.uint8) for _ in range(layers)]
-        self._keep = pools
-        t.register([region_of(p) for p in pools])
-        src_layout = KVLayout.from_geometry(geo, [region_of(p).addr for p in pools])
-        addrs = [child.request("alloc", size=geo.layer_bytes)["addr"] for _ in range(layers)]
+        self._keep = []
+        pools = [self.buffer(geo.layer_bytes) for _ in range(layers)]
+        t.register(pools)
+        src_layout = KVLayout.from_geometry(geo, [p.addr for p in pools])
+        addrs = [child.request("alloc", size=geo.layer_bytes, **self._on)["addr"] for _ in range(layers)]
         dst_layout = KVLayout.from_geometry(geo, addrs)
         s_ids = self.rng.permutation(2 * n)[:n].tolist()
         d_ids = self.rng.permutation(2 * n)[:n].tolist()
@@ -188,10 +210,10 @@ class TransferBench:
         """One-way 4 KiB latency (write -> the receiver's wait_recv returning) and the raw
         socket's half round trip with 4 KiB each way, interleaved."""
         block = 4096
-        buf = np.ones(block, dtype=np.uint8)
-        self._keep = [buf]
-        t.register([region_of(buf)])
-        dst = child.request("alloc", size=block)["addr"]
+        self._keep = []
+        buf = self.buffer(block, fill="ones")
+        t.register([buf])
+        dst = child.request("alloc", size=block, **self._on)["addr"]
         tids = [f"lat-{id(buf)}-{i}" for i in range(iters)]
         child.request("grant_many", tids=tids, regions=[[dst, block]])
         assert child.proc.stdin is not None
@@ -203,7 +225,7 @@ class TransferBench:
                 theirs.append(raw.round() / 2)
                 t0 = time.perf_counter_ns()
                 starts.append(t0)
-                t.wait(t.write(peer, TransferPlan(TransferId(tid), (region_of(buf),), (Region(dst, block),))), 10)
+                t.wait(t.write(peer, TransferPlan(TransferId(tid), (buf,), (Region(dst, block),))), 10)
                 acked.append((time.perf_counter_ns() - t0) / 2e9)
         line = child.proc.stdout.readline() if child.proc.stdout else ""
         ends = json.loads(line)["times"]
@@ -222,10 +244,12 @@ def _row(transport: str, block: int, nbytes: int, seconds: list[float], base: st
 
 
 def _reference_baselines(bench: TransferBench, sizes: Sequence[int], rounds: int) -> dict[str, dict[str, float]]:
-    """All three baselines on their own (not interleaved), GB/s by size."""
+    """The baselines on their own (not interleaved), GB/s by size: memcpy, raw_socket and
+    shm_copy; with GPU pools, d2d_copy."""
     out: dict[str, dict[str, float]] = {}
+    kinds = ("memcpy", "raw_socket", "shm_copy") if bench.device == "cpu" else ("d2d_copy",)
     for size in sizes:
-        for kind in ("memcpy", "raw_socket", "shm_copy"):
+        for kind in kinds:
             with bench.baseline(kind, size) as base:
                 secs = [base.round() for _ in range(rounds + 1)][1:]
             out.setdefault(kind, {})[format_size(size)] = _median_gbps(size, secs)
@@ -242,17 +266,25 @@ def run_benchmark(
     options: dict[str, dict[str, Any]] | None = None,
     latency_iters: int = 200,
     progress: Callable[[], None] = lambda: None,
+    device: str = "cpu",
+    peers: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run every (transport, size, block) and the baselines; returns the JSON document."""
-    bench = TransferBench(rounds, progress)
+    """Run every (transport, size, block) and the baselines; returns the JSON document.
+    ``device="cuda"``: both ends' pools are GPU memory, every row is compared with d2d_copy."""
+    bench = TransferBench(rounds, progress, device=device)
     rows: list[Row] = []
     baselines: dict[str, dict[str, float]] = {}
+    skipped: dict[str, str] = {}  # peer -> why it has no row
     try:
         for name in transports:
             t, child, peer = bench.open_transport(name, (options or {}).get(name, {}))
             kind = "memcpy" if name in SAME_HOST else "raw_socket"
             if name == "nixl":
                 kind = "raw_nixl" if workload == "blocks" else "memcpy"
+            if name == "ucx":  # the child is on this host: UCX moves blocks with one cross-memory copy
+                kind = "memcpy"
+            if device != "cpu":
+                kind = "d2d_copy"
             for size in sizes:
                 if workload == "blocks":
                     src_base, dst_base = bench.pools(t, child, size)
@@ -273,6 +305,10 @@ def run_benchmark(
                 row.ack_half_rtt_p50_us = _pct(bench.ack_half_rtt, 50) * 1e6  # write -> ACK, halved
                 rows.append(row)
             progress()
+        for name in peers:  # other projects' engines on the same block plans (PEERS)
+            why = _peer_rows(bench, name, sizes, blocks, workload, rows)
+            if why:
+                skipped[name] = why
         baselines = _reference_baselines(bench, sizes, rounds)
     finally:
         bench.close()
@@ -293,9 +329,11 @@ def run_benchmark(
             "machine": platform.machine(),
             "rounds": rounds,
             "workload": workload,
+            "device": device,
         },
         "baselines": baselines,
         "results": [dataclasses.asdict(r) for r in rows],
+        "skipped_peers": skipped,
     }
 
 
@@ -362,6 +400,31 @@ class ShmCopy(Baseline):
             self.child.close()
 
 
+class D2dCopy(Baseline):
+    """One ``cudaMemcpyAsync`` of ``size`` contiguous bytes, GPU memory to GPU memory on the
+    current device, on a stream of its own; timed to the stream's synchronize."""
+
+    def __init__(self, bench: TransferBench, size: int, echo: bool = False) -> None:
+        import cupy as cp
+
+        super().__init__(bench, size)
+        self.src, self.src_r = device_buffer(size, "random", 7)
+        self.dst, self.dst_r = device_buffer(size)
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self._copy = cp.cuda.runtime.memcpyAsync
+        self._kind = cp.cuda.runtime.memcpyDeviceToDevice
+
+    def round(self) -> float:
+        t0 = time.perf_counter()
+        self._copy(self.dst_r.addr, self.src_r.addr, self.size, self._kind, self.stream.ptr)
+        self.stream.synchronize()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.stream.synchronize()
+        self.src = self.dst = None
+
+
 class RawNixl(Baseline):
     """The benchmark's last block plan, written straight through ``nixl_agent`` to a child."""
 
@@ -414,3 +477,131 @@ class RawSocket(Baseline):
         self.sock.close()
         self.child.request("close_extras")
         self.child.close()
+
+
+# -- peer rows: other projects' engines, driven on the same block plans ---------------------
+
+PEERS = {"mooncake": "Mooncake's transfer engine over TCP (pip install mooncake-transfer-engine-non-cuda; "
+                     "its engine also loads libibverbs.so.1, Debian package libibverbs1)"}
+
+_MOONCAKE_CHILD = """
+import json, sys, numpy as np
+from mooncake.engine import TransferEngine
+te, keep = TransferEngine(), []
+assert te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0, "mooncake initialize failed"
+print(json.dumps({"port": te.get_rpc_port()}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    if req["op"] != "alloc":
+        break
+    keep.append(np.zeros(req["size"], np.uint8))
+    assert te.register_memory(keep[-1].ctypes.data, req["size"]) == 0, "mooncake register_memory failed"
+    print(json.dumps({"addr": keep[-1].ctypes.data}), flush=True)
+"""
+
+
+def _mooncake_unavailable() -> str:
+    try:
+        from mooncake.engine import TransferEngine  # noqa: F401
+    except ImportError as e:
+        return f"mooncake's transfer engine does not load here: {e} - {PEERS['mooncake']}"
+    return ""
+
+
+class MooncakeTcp:
+    """Mooncake's transfer engine over TCP (P2P handshake, no metadata server): this process
+    writes a block plan into a child's registered buffer with ``batch_transfer_sync_write``."""
+
+    def __init__(self, pool: np.ndarray) -> None:
+        import subprocess
+        import sys
+
+        from mooncake.engine import TransferEngine
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _MOONCAKE_CHILD], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+        self.te, self.pool = TransferEngine(), pool
+        try:
+            self.target = f"127.0.0.1:{self._reply()['port']}"
+            if self.te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
+                raise RuntimeError("mooncake initialize failed in the benchmark process")
+            if self.te.register_memory(pool.ctypes.data, pool.nbytes) != 0:
+                raise RuntimeError("mooncake register_memory failed in the benchmark process")
+        except BaseException:
+            self.close()
+            raise
+
+    def _reply(self, timeout: float = 60.0) -> dict[str, Any]:
+        import select
+
+        assert self.proc.stdout is not None
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            raise TimeoutError(f"mooncake child pid {self.proc.pid} did not answer within {timeout}s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"mooncake child pid {self.proc.pid} exited (code {self.proc.poll()})")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def alloc(self, size: int) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": "alloc", "size": size}) + "\n")
+        self.proc.stdin.flush()
+        return int(self._reply()["addr"])
+
+    def round(self, src: list[int], dst: list[int], lengths: list[int]) -> float:
+        t0 = time.perf_counter()
+        rc = self.te.batch_transfer_sync_write(self.target, src, dst, lengths)
+        dt = time.perf_counter() - t0
+        if rc != 0:
+            raise RuntimeError(f"mooncake batch_transfer_sync_write returned {rc}")
+        return dt
+
+    def close(self) -> None:
+        import contextlib
+        import subprocess
+
+        with contextlib.suppress(Exception):  # best effort; the engine goes with the process
+            self.te.unregister_memory(self.pool.ctypes.data)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                f.close()  # EOF: the child leaves its loop
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _peer_rows(bench: TransferBench, name: str, sizes: Sequence[int], blocks: Sequence[int], workload: str,
+               rows: list[Row]) -> str:  # fmt: skip
+    """Rows for peer ``name`` (blocks workload, CPU memory), each round interleaved with the
+    raw socket like the network transports; returns why there are none ("" when added)."""
+    if name not in PEERS:
+        return f"unknown peer {name!r}; expected one of {', '.join(PEERS)}"
+    if workload != "blocks" or bench.device != "cpu":
+        return "peer rows are measured for --workload blocks on --device cpu only"
+    why = _mooncake_unavailable()
+    if why:
+        return why
+    for size in sizes:
+        pool = bench.rng.integers(0, 256, 2 * size, dtype=np.uint8)
+        peer = MooncakeTcp(pool)
+        try:
+            dst_base = peer.alloc(2 * size)
+            for block in [b for b in blocks if b <= size]:
+                src, dst = bench.plan_blocks(size, block, pool.ctypes.data, dst_base)
+                s_addrs, d_addrs, lens = [r.addr for r in src], [a for a, _ in dst], [n for _, n in dst]
+                nbytes = sum(lens)
+                ours, theirs = [], []
+                with bench.baseline("raw_socket", nbytes) as base:
+                    for i in range(bench.rounds + 1):
+                        dt, b = peer.round(s_addrs, d_addrs, lens), base.round()
+                        if i:  # round 0 warms both up
+                            ours.append(dt)
+                            theirs.append(b)
+                            bench.progress()
+                rows.append(_row(name, block, nbytes, ours, "raw_socket", theirs, "blocks"))
+        finally:
+            peer.close()
+    return ""

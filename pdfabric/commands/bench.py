@@ -27,6 +27,13 @@ def add_transfer_args(p: argparse.ArgumentParser) -> None:
                    help="blocks: size/block-size scattered blocks; llama8b/tiny: all layers of a real KV geometry")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per row (median reported; >= 3)")
     p.add_argument("--streams", type=int, default=None, help="tcp: parallel connections per peer")
+    p.add_argument("--ucx-error-handling", choices=["peer", "none"], default=None,
+                   help="ucx: UCX error handling (default peer; none: the same-host fast path)")
+    p.add_argument("--peer", default="", metavar="NAMES",
+                   help="peer tools to measure on the same plans (mooncake: Mooncake's transfer engine over TCP)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where both ends' KV pools live; cuda: GPU memory (cupy), rows compared with a "
+                        "device-to-device copy (d2d_copy); needed by cuda_ipc")  # fmt: skip
     p.add_argument("--latency-iters", type=int, default=200, help="4 KiB latency samples (0 to skip)")
     p.add_argument("--json", metavar="FILE", help="write every row as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a PNG plot of GB/s vs block size (needs matplotlib)")
@@ -46,7 +53,8 @@ def _table(doc: dict[str, Any]) -> Any:
 
     from pdfabric.units import format_size
 
-    t = Table(title=f"pdfabric transfer benchmark (median of {doc['meta']['rounds']} rounds)")
+    on_gpu = ", GPU memory" if doc["meta"].get("device", "cpu") != "cpu" else ""
+    t = Table(title=f"pdfabric transfer benchmark (median of {doc['meta']['rounds']} rounds{on_gpu})")
     for col in ("transport", "workload", "block", "total", "GB/s", "baseline", "base GB/s", "ratio", "ref ratio",
                 "vs memcpy", "p50 us", "p99 us"):  # fmt: skip
         t.add_column(col, justify="left" if col in ("transport", "workload", "baseline") else "right")
@@ -88,6 +96,30 @@ def _plot(doc: dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _cannot_run(names: list[str], device: str) -> str:
+    """Why the named transports cannot be benchmarked here on ``device`` ("" when they can)."""
+    from pdfabric.bench.transfer import DEVICE_ONLY
+    from pdfabric.errors import TransportUnavailable
+    from pdfabric.transports import transport_class
+
+    for n in names:
+        try:
+            cls = transport_class(n)
+        except TransportUnavailable as e:
+            return f"--transport {n}: {e.message}"
+        if device == "cuda" and not cls.capabilities.device_memory:
+            return f"--transport {n}: it cannot move GPU memory (--device cuda); benchmark it with --device cpu"
+        if device == "cpu" and n in DEVICE_ONLY:
+            return f"--transport {n}: it moves GPU memory only; add --device cuda"
+    if device == "cuda":
+        from pdfabric.transports.cuda_ipc import unavailable_reason
+
+        reason = unavailable_reason()  # cupy and a GPU, which the pools need
+        if reason:
+            return f"--device cuda: GPU memory needs cupy and a CUDA device: {reason}"
+    return ""
+
+
 def run_transfer(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
@@ -103,24 +135,38 @@ def run_transfer(args: argparse.Namespace) -> int:
             err.print(f"error: --transport: {n!r} is not a benchmarkable transport; expected some of "
                       f"{', '.join(sorted(set(TRANSPORTS) - {'loopback'}))}")  # fmt: skip
             return 2
+    why = _cannot_run(names, getattr(args, "device", "cpu"))
+    if why:
+        err.print(f"error: {why}", soft_wrap=True, markup=False)
+        return 2
     if args.rounds < 3:
         err.print(f"error: --rounds: at least 3 rounds are needed for a median, got {args.rounds}")
         return 2
     sizes = args.size if isinstance(args.size, list) else _sizes(args.size)
     blocks = args.block_size if isinstance(args.block_size, list) else _sizes(args.block_size)
-    options = {"tcp": {"streams": args.streams}} if args.streams else {}
+    options: dict[str, dict[str, Any]] = {"tcp": {"streams": args.streams}} if args.streams else {}
+    if getattr(args, "ucx_error_handling", None):
+        options["ucx"] = {"ucx_error_handling": args.ucx_error_handling}
+    peers = [x.strip() for x in getattr(args, "peer", "").split(",") if x.strip()]
+    bad = [x for x in peers if x != "mooncake"]
+    if bad:
+        err.print(f"error: --peer: {bad[0]!r} is not a known peer; expected mooncake", markup=False)
+        return 2
     per_t = len(sizes) * (len(blocks) if args.workload == "blocks" else 1) * args.rounds + 1
     with Progress(console=err, transient=True) as prog:
         task = prog.add_task("transfer benchmark", total=per_t * len(names))
         try:
             doc = run_benchmark(names, sizes, blocks, args.rounds, workload=args.workload, options=options,
-                                latency_iters=args.latency_iters, progress=lambda: prog.advance(task))  # fmt: skip
+                                latency_iters=args.latency_iters, progress=lambda: prog.advance(task),
+                                device=getattr(args, "device", "cpu"), peers=peers)  # fmt: skip
         except FabricError as e:
             err.print(f"error: {e}")
             return 1
     out = Console()
     out.width = max(out.width, 160)  # the table has twelve columns; do not squeeze them
     out.print(_table(doc))
+    for name, why in (doc.get("skipped_peers") or {}).items():
+        err.print(f"peer {name} skipped: {why}", markup=False, soft_wrap=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)

@@ -46,22 +46,22 @@ _lock = threading.Lock()
 _functions: dict[int, tuple[Any, Any]] = {}  # device index -> (kv_gather, kv_scatter)
 
 
-def source_path() -> Path:
-    """Where the kernel source is: installed package data first, then the repository."""
+def source_path(name: str = SOURCE_NAME) -> Path:
+    """Where a ``csrc/`` kernel source is: installed package data first, then the repository."""
     package = Path(__file__).resolve().parent.parent
-    candidates = (package / "csrc" / SOURCE_NAME, package.parent / "csrc" / SOURCE_NAME)
+    candidates = (package / "csrc" / name, package.parent / "csrc" / name)
     for path in candidates:
         if path.is_file():
             return path
     raise TransportUnavailable(
-        f"CUDA kernel source {SOURCE_NAME} not found (looked at {', '.join(map(str, candidates))}); "
+        f"CUDA kernel source {name} not found (looked at {', '.join(map(str, candidates))}); "
         "reinstall pdfabric so that its csrc/ files are installed"
     )
 
 
 @functools.cache
-def source_text() -> str:
-    return source_path().read_text(encoding="utf-8")
+def source_text(name: str = SOURCE_NAME) -> str:
+    return source_path(name).read_text(encoding="utf-8")
 
 
 @functools.cache

@@ -5,7 +5,6 @@ costs a recompute, never a failed request."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -35,6 +35,8 @@ from nixl._api import nixl_agent, nixl_agent_config
 
 from pdfabric.errors import PeerGone, TransportClosed, TransportError, TransportUnavailable
 
+from ._procs import PidWatch, namespace, proc_start, why
+
 __all__ = [
     "NIXL_ERRORS",
     "AgentThread",
@@ -192,7 +194,7 @@ class Doorbell:
         self.name = f"pdfabric-nixl-{tag}"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         self._sock.bind("\0" + self.name)
-        self.netns = _namespace("net")
+        self.netns = namespace("net")
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -212,45 +214,6 @@ class Doorbell:
 
     def close(self) -> None:
         self._sock.close()
-
-
-class PidWatch:
-    """pidfds of same-host peer processes; ``exited()`` lists the keys whose process ended.
-
-    Only used within one pid namespace, and the process start time guards against a pid
-    that was reused."""
-
-    def __init__(self) -> None:
-        self._poll = select.poll()
-        self._keys: dict[int, object] = {}
-        self.namespace = _namespace("pid")
-
-    def add(self, key: object, pid: int, start: int) -> int | None:
-        """Watch ``pid``; None (nothing watched) when it is no longer that process."""
-        try:
-            fd = os.pidfd_open(pid)
-        except (OSError, AttributeError):
-            return None
-        if proc_start(pid) != start:
-            os.close(fd)
-            return None
-        self._poll.register(fd, select.POLLIN)
-        self._keys[fd] = key
-        return fd
-
-    def remove(self, fd: int) -> None:
-        if self._keys.pop(fd, None) is not None:
-            self._poll.unregister(fd)
-            os.close(fd)
-
-    def exited(self) -> list[object]:
-        if not self._keys:
-            return []
-        return [self._keys[fd] for fd, _ in self._poll.poll(0) if fd in self._keys]
-
-
-def why(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def as_text(name: str | bytes) -> str:
@@ -275,22 +238,6 @@ def _route_nixl_logs() -> None:
             lg.removeHandler(h)
     lg.propagate = True
     lg.setLevel(logging.WARNING)
-
-
-def _namespace(kind: str) -> str:
-    try:
-        return os.readlink(f"/proc/self/ns/{kind}")
-    except OSError:
-        return ""
-
-
-def proc_start(pid: int) -> int | None:
-    """A process's start time in clock ticks since boot (None when it does not exist)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 @functools.cache

@@ -33,6 +33,8 @@ from typing import Any
 
 from pdfabric.errors import TransportClosed, TransportUnavailable
 
+from ._procs import PidWatch, namespace, proc_start, why
+
 __all__ = [
     "UCX_ERRORS",
     "Array",
@@ -68,10 +70,6 @@ api, Array = _import_ucxx()
 #: what ucxx raises: its UCX status errors, plus RuntimeError/ValueError/IndexError for
 #: objects it refuses (a closed endpoint, a malformed address)
 UCX_ERRORS: tuple[type[BaseException], ...] = (api.UCXError, RuntimeError, ValueError, IndexError)
-
-
-def why(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def make_worker(tls: str | None, net_devices: str | None, rndv_scheme: str) -> tuple[Any, Any]:
@@ -203,58 +201,3 @@ class WorkerLoop:
                 fn()
             except Exception:
                 log.exception("ucx: command failed on the UCX thread")
-
-
-class PidWatch:
-    """pidfds of same-host peer processes; ``exited()`` lists the keys whose process ended.
-
-    Only used within one pid namespace, and the process start time guards against a pid
-    that was reused."""
-
-    def __init__(self) -> None:
-        self._poll = select.poll()
-        self._keys: dict[int, object] = {}
-        self.namespace = namespace("pid")
-
-    def add(self, key: object, pid: int, start: int) -> int | None:
-        """Watch ``pid``; None (nothing watched) when it is no longer that process."""
-        try:
-            fd = os.pidfd_open(pid)
-        except (OSError, AttributeError):
-            return None
-        if proc_start(pid) != start:
-            os.close(fd)
-            return None
-        self._poll.register(fd, select.POLLIN)
-        self._keys[fd] = key
-        return fd
-
-    def remove(self, fd: int) -> None:
-        if self._keys.pop(fd, None) is not None:
-            self._poll.unregister(fd)
-            os.close(fd)
-
-    def exited(self) -> list[object]:
-        if not self._keys:
-            return []
-        return [self._keys[fd] for fd, _ in self._poll.poll(0) if fd in self._keys]
-
-    def close(self) -> None:
-        for fd in list(self._keys):
-            self.remove(fd)
-
-
-def namespace(kind: str) -> str:
-    try:
-        return os.readlink(f"/proc/self/ns/{kind}")
-    except OSError:
-        return ""
-
-
-def proc_start(pid: int) -> int | None:
-    """A process's start time in clock ticks since boot (None when it does not exist)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None

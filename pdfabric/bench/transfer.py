@@ -23,7 +23,7 @@ other network transports against ``raw_socket``, same-host ones - and ``ucx``, w
 to the child on this host is one cross-memory copy - against ``memcpy``. Every
 row also carries ``ratio_to_memcpy``, against the memcpy measured on its own at the end.
 Peer rows (``run_benchmark(peers=["mooncake"])``): Mooncake's transfer engine over TCP
-moves the same block plans from this process into a child (``MooncakeTcp``), compared with
+moves the same block plans from this process into a child (``bench.peers``), compared with
 ``raw_socket`` like the network transports; a peer that cannot load here has no row and
 its reason in ``skipped_peers``.
 Latency: one 4 KiB block, one-way (write -> receiver's ``wait_recv`` returns, on the shared
@@ -256,6 +256,58 @@ def _reference_baselines(bench: TransferBench, sizes: Sequence[int], rounds: int
     return out
 
 
+def _baseline_kind(name: str, workload: str, device: str) -> str:
+    """Which baseline a transport's rows are compared with."""
+    if device != "cpu":
+        return "d2d_copy"
+    if name == "nixl":
+        return "raw_nixl" if workload == "blocks" else "memcpy"
+    if name == "ucx":  # the child is on this host: UCX moves blocks with one cross-memory copy
+        return "memcpy"
+    return "memcpy" if name in SAME_HOST else "raw_socket"
+
+
+def _transport_rows(bench: TransferBench, name: str, options: dict[str, Any], sizes: Sequence[int],
+                    blocks: Sequence[int], workload: str, latency_iters: int) -> list[Row]:  # fmt: skip
+    """Every (size, block) row of one transport, then its 4 KiB latency row."""
+    t, child, peer = bench.open_transport(name, options)
+    kind = _baseline_kind(name, workload, bench.device)
+    rows: list[Row] = []
+    for size in sizes:
+        if workload == "blocks":
+            src_base, dst_base = bench.pools(t, child, size)
+        for block in blocks if workload == "blocks" else [0]:
+            if workload == "blocks" and block > size:
+                continue  # a transfer smaller than one block is not a row
+            if workload == "blocks":
+                src, dst = bench.plan_blocks(size, block, src_base, dst_base)
+            else:
+                src, dst, block = bench.plan_kv(t, child, size, workload)
+            nbytes = sum(r.length for r in src)
+            with bench.baseline(kind, nbytes) as base:
+                ours, theirs = bench.transfer_rounds(t, child, peer, src, dst, base)
+            rows.append(_row(name, block, nbytes, ours, kind, theirs, workload))
+    if latency_iters:
+        lat, raw = bench.latency(t, child, peer, latency_iters)
+        row = _row(name, 4096, 4096, lat, "raw_socket_half_rtt", raw, "latency")
+        row.ack_half_rtt_p50_us = _pct(bench.ack_half_rtt, 50) * 1e6  # write -> ACK, halved
+        rows.append(row)
+    bench.progress()
+    return rows
+
+
+def _add_reference_ratios(rows: list[Row], baselines: dict[str, dict[str, float]]) -> None:
+    for r in rows:
+        ref = baselines.get(r.baseline, {}).get(format_size(r.total_bytes))
+        if ref:
+            r.ratio_reference = r.gbps / ref
+        mc = baselines.get("memcpy", {}).get(format_size(r.total_bytes))
+        if mc and r.workload != "latency":
+            r.ratio_to_memcpy = r.gbps / mc
+        if r.baseline == "raw_nixl":
+            r.ratio_to_raw_nixl = r.ratio
+
+
 def run_benchmark(
     transports: Sequence[str],
     sizes: Sequence[int],
@@ -271,56 +323,23 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run every (transport, size, block) and the baselines; returns the JSON document.
     ``device="cuda"``: both ends' pools are GPU memory, every row is compared with d2d_copy."""
+    from pdfabric.bench.peers import peer_rows
+
     bench = TransferBench(rounds, progress, device=device)
     rows: list[Row] = []
     baselines: dict[str, dict[str, float]] = {}
     skipped: dict[str, str] = {}  # peer -> why it has no row
     try:
         for name in transports:
-            t, child, peer = bench.open_transport(name, (options or {}).get(name, {}))
-            kind = "memcpy" if name in SAME_HOST else "raw_socket"
-            if name == "nixl":
-                kind = "raw_nixl" if workload == "blocks" else "memcpy"
-            if name == "ucx":  # the child is on this host: UCX moves blocks with one cross-memory copy
-                kind = "memcpy"
-            if device != "cpu":
-                kind = "d2d_copy"
-            for size in sizes:
-                if workload == "blocks":
-                    src_base, dst_base = bench.pools(t, child, size)
-                for block in blocks if workload == "blocks" else [0]:
-                    if workload == "blocks" and block > size:
-                        continue  # a transfer smaller than one block is not a row
-                    if workload == "blocks":
-                        src, dst = bench.plan_blocks(size, block, src_base, dst_base)
-                    else:
-                        src, dst, block = bench.plan_kv(t, child, size, workload)
-                    nbytes = sum(r.length for r in src)
-                    with bench.baseline(kind, nbytes) as base:
-                        ours, theirs = bench.transfer_rounds(t, child, peer, src, dst, base)
-                    rows.append(_row(name, block, nbytes, ours, kind, theirs, workload))
-            if latency_iters:
-                lat, raw = bench.latency(t, child, peer, latency_iters)
-                row = _row(name, 4096, 4096, lat, "raw_socket_half_rtt", raw, "latency")
-                row.ack_half_rtt_p50_us = _pct(bench.ack_half_rtt, 50) * 1e6  # write -> ACK, halved
-                rows.append(row)
-            progress()
-        for name in peers:  # other projects' engines on the same block plans (PEERS)
-            why = _peer_rows(bench, name, sizes, blocks, workload, rows)
+            rows += _transport_rows(bench, name, (options or {}).get(name, {}), sizes, blocks, workload, latency_iters)
+        for name in peers:  # other projects' engines on the same block plans (peers.PEERS)
+            why = peer_rows(bench, name, sizes, blocks, workload, rows)
             if why:
                 skipped[name] = why
         baselines = _reference_baselines(bench, sizes, rounds)
     finally:
         bench.close()
-    for r in rows:
-        ref = baselines.get(r.baseline, {}).get(format_size(r.total_bytes))
-        if ref:
-            r.ratio_reference = r.gbps / ref
-        mc = baselines.get("memcpy", {}).get(format_size(r.total_bytes))
-        if mc and r.workload != "latency":
-            r.ratio_to_memcpy = r.gbps / mc
-        if r.baseline == "raw_nixl":
-            r.ratio_to_raw_nixl = r.ratio
+    _add_reference_ratios(rows, baselines)
     return {
         "benchmark": "transfer_bandwidth",
         "meta": {
@@ -477,131 +496,3 @@ class RawSocket(Baseline):
         self.sock.close()
         self.child.request("close_extras")
         self.child.close()
-
-
-# -- peer rows: other projects' engines, driven on the same block plans ---------------------
-
-PEERS = {"mooncake": "Mooncake's transfer engine over TCP (pip install mooncake-transfer-engine-non-cuda; "
-                     "its engine also loads libibverbs.so.1, Debian package libibverbs1)"}
-
-_MOONCAKE_CHILD = """
-import json, sys, numpy as np
-from mooncake.engine import TransferEngine
-te, keep = TransferEngine(), []
-assert te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0, "mooncake initialize failed"
-print(json.dumps({"port": te.get_rpc_port()}), flush=True)
-for line in sys.stdin:
-    req = json.loads(line)
-    if req["op"] != "alloc":
-        break
-    keep.append(np.zeros(req["size"], np.uint8))
-    assert te.register_memory(keep[-1].ctypes.data, req["size"]) == 0, "mooncake register_memory failed"
-    print(json.dumps({"addr": keep[-1].ctypes.data}), flush=True)
-"""
-
-
-def _mooncake_unavailable() -> str:
-    try:
-        from mooncake.engine import TransferEngine  # noqa: F401
-    except ImportError as e:
-        return f"mooncake's transfer engine does not load here: {e} - {PEERS['mooncake']}"
-    return ""
-
-
-class MooncakeTcp:
-    """Mooncake's transfer engine over TCP (P2P handshake, no metadata server): this process
-    writes a block plan into a child's registered buffer with ``batch_transfer_sync_write``."""
-
-    def __init__(self, pool: np.ndarray) -> None:
-        import subprocess
-        import sys
-
-        from mooncake.engine import TransferEngine
-
-        self.proc = subprocess.Popen([sys.executable, "-c", _MOONCAKE_CHILD], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
-        self.te, self.pool = TransferEngine(), pool
-        try:
-            self.target = f"127.0.0.1:{self._reply()['port']}"
-            if self.te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
-                raise RuntimeError("mooncake initialize failed in the benchmark process")
-            if self.te.register_memory(pool.ctypes.data, pool.nbytes) != 0:
-                raise RuntimeError("mooncake register_memory failed in the benchmark process")
-        except BaseException:
-            self.close()
-            raise
-
-    def _reply(self, timeout: float = 60.0) -> dict[str, Any]:
-        import select
-
-        assert self.proc.stdout is not None
-        if not select.select([self.proc.stdout], [], [], timeout)[0]:
-            raise TimeoutError(f"mooncake child pid {self.proc.pid} did not answer within {timeout}s")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"mooncake child pid {self.proc.pid} exited (code {self.proc.poll()})")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-
-    def alloc(self, size: int) -> int:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": "alloc", "size": size}) + "\n")
-        self.proc.stdin.flush()
-        return int(self._reply()["addr"])
-
-    def round(self, src: list[int], dst: list[int], lengths: list[int]) -> float:
-        t0 = time.perf_counter()
-        rc = self.te.batch_transfer_sync_write(self.target, src, dst, lengths)
-        dt = time.perf_counter() - t0
-        if rc != 0:
-            raise RuntimeError(f"mooncake batch_transfer_sync_write returned {rc}")
-        return dt
-
-    def close(self) -> None:
-        import contextlib
-        import subprocess
-
-        with contextlib.suppress(Exception):  # best effort; the engine goes with the process
-            self.te.unregister_memory(self.pool.ctypes.data)
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                f.close()  # EOF: the child leaves its loop
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def _peer_rows(bench: TransferBench, name: str, sizes: Sequence[int], blocks: Sequence[int], workload: str,
-               rows: list[Row]) -> str:  # fmt: skip
-    """Rows for peer ``name`` (blocks workload, CPU memory), each round interleaved with the
-    raw socket like the network transports; returns why there are none ("" when added)."""
-    if name not in PEERS:
-        return f"unknown peer {name!r}; expected one of {', '.join(PEERS)}"
-    if workload != "blocks" or bench.device != "cpu":
-        return "peer rows are measured for --workload blocks on --device cpu only"
-    why = _mooncake_unavailable()
-    if why:
-        return why
-    for size in sizes:
-        pool = bench.rng.integers(0, 256, 2 * size, dtype=np.uint8)
-        peer = MooncakeTcp(pool)
-        try:
-            dst_base = peer.alloc(2 * size)
-            for block in [b for b in blocks if b <= size]:
-                src, dst = bench.plan_blocks(size, block, pool.ctypes.data, dst_base)
-                s_addrs, d_addrs, lens = [r.addr for r in src], [a for a, _ in dst], [n for _, n in dst]
-                nbytes = sum(lens)
-                ours, theirs = [], []
-                with bench.baseline("raw_socket", nbytes) as base:
-                    for i in range(bench.rounds + 1):
-                        dt, b = peer.round(s_addrs, d_addrs, lens), base.round()
-                        if i:  # round 0 warms both up
-                            ours.append(dt)
-                            theirs.append(b)
-                            bench.progress()
-                rows.append(_row(name, block, nbytes, ours, "raw_socket", theirs, "blocks"))
-        finally:
-            peer.close()
-    return ""

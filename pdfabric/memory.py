@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence, overload
 
-__all__ = ["Region", "region_of", "view_of", "coalesce_regions", "total_bytes", "contains"]
+import numpy as np
+
+__all__ = ["Region", "RegionArray", "region_of", "view_of", "coalesce_regions", "total_bytes", "contains"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,70 @@ class Region:
 
     def contains(self, addr: int, length: int) -> bool:
         return self.addr <= addr and addr + length <= self.end
+
+
+
+class RegionArray(Sequence[Region]):
+    """Many regions as two uint64 columns: a ``Sequence[Region]`` whose plans transports
+    read without a Python object per block (``TransferPlan`` takes its columns as they are).
+
+    Build it from whatever computed the addresses (``RegionArray(addrs, lengths)``); the
+    columns are copied into read-only arrays, so later changes to the inputs do not move it.
+    """
+
+    __slots__ = ("addrs", "lengths")
+    addrs: np.ndarray
+    lengths: np.ndarray
+
+    def __init__(self, addrs: Any, lengths: Any) -> None:
+        a, n = np.asarray(addrs), np.asarray(lengths)
+        if a.ndim != 1 or n.shape != a.shape:
+            raise ValueError(f"RegionArray needs two 1-D columns of one length, got shapes {a.shape} and {n.shape}")
+        for name, col in (("address", a), ("length", n)):
+            if col.dtype.kind not in "iu":
+                raise ValueError(f"RegionArray {name}es must be integers, got dtype {col.dtype}")
+            if col.dtype.kind == "i" and len(col) and int(col.min()) < 0:
+                k = int(np.argmin(col))
+                raise ValueError(f"RegionArray {name} {int(col[k])} at index {k} is negative")
+        self.addrs = a.astype(np.uint64)  # a copy, even when already uint64
+        self.lengths = n.astype(np.uint64)
+        self.addrs.flags.writeable = False
+        self.lengths.flags.writeable = False
+
+    @classmethod
+    def of(cls, regions: Iterable[Region]) -> "RegionArray":
+        rs = list(regions)
+        return cls(np.array([r.addr for r in rs], dtype=np.uint64), np.array([r.length for r in rs], dtype=np.uint64))
+
+    def __len__(self) -> int:
+        return len(self.addrs)
+
+    @overload
+    def __getitem__(self, i: int) -> Region: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> "RegionArray": ...
+
+    def __getitem__(self, i: int | slice) -> "Region | RegionArray":
+        if isinstance(i, slice):
+            return RegionArray(self.addrs[i], self.lengths[i])
+        return Region(int(self.addrs[i]), int(self.lengths[i]))
+
+    def __iter__(self) -> Iterator[Region]:
+        return (Region(a, n) for a, n in zip(self.addrs.tolist(), self.lengths.tolist()))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RegionArray):
+            return bool(np.array_equal(self.addrs, other.addrs) and np.array_equal(self.lengths, other.lengths))
+        if isinstance(other, Sequence):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.addrs.tobytes(), self.lengths.tobytes()))
+
+    def __repr__(self) -> str:
+        return f"RegionArray({len(self)} regions, {int(self.lengths.sum())} bytes)"
 
 
 def region_of(buf: Any) -> Region:

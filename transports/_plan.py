@@ -15,13 +15,17 @@ __all__ = ["coalesce_plan", "check_no_overlap", "split_streams"]
 def coalesce_plan(plan: TransferPlan) -> np.ndarray:
     """(src, dst) pairs -> (n, 3) uint64 pieces [src, dst, len], merging pairs that are
     contiguous on both sides and dropping empty ones."""
-    a = np.array([(s.addr, d.addr, s.length) for s, d in zip(plan.src, plan.dst) if s.length], dtype=np.uint64)
+    a = plan.columns
+    if not a[:, 2].all():
+        a = a[a[:, 2] != 0]
     if len(a) < 2:
-        return a.reshape(-1, 3)
+        return a.reshape(-1, 3).copy()
     src, dst, ln = a[:, 0], a[:, 1], a[:, 2]
     brk = np.ones(len(a), dtype=bool)
     brk[1:] = (src[1:] != src[:-1] + ln[:-1]) | (dst[1:] != dst[:-1] + ln[:-1])
     idx = np.flatnonzero(brk)
+    if len(idx) == len(a):
+        return a.copy()
     return np.stack([src[idx], dst[idx], np.add.reduceat(ln, idx)], axis=1)
 
 

@@ -17,11 +17,15 @@ Baselines, measured in the same run on the same sizes:
   child's agent (``pdfabric.bench.raw_nixl``; prepared lists, WRITE, poll to DONE);
 - ``d2d_copy`` (``--device cuda``): one ``cudaMemcpyAsync`` of ``size`` contiguous bytes
   from GPU memory to GPU memory on the same device, synchronized - the bar for ``cuda_ipc``
-  and ``nixl`` when the pools (ours and the child's) are GPU memory.
-Ratios: ``nixl`` against ``raw_nixl`` (block workloads; also in ``ratio_to_raw_nixl``),
-other network transports against ``raw_socket``, same-host ones - and ``ucx``, whose path
-to the child on this host is one cross-memory copy - against ``memcpy``. Every
-row also carries ``ratio_to_memcpy``, against the memcpy measured on its own at the end.
+  when the pools (ours and the child's) are GPU memory.
+Ratios: ``nixl`` against ``raw_nixl`` (block workloads, host or GPU memory; also in
+``ratio_to_raw_nixl``), other network transports against ``raw_socket``, same-host ones -
+and ``ucx``, whose path to the child on this host is one cross-memory copy - against
+``memcpy``; on GPU memory the rest against ``d2d_copy``. Every row also carries
+``ratio_to_memcpy`` (``ratio_to_d2d`` on GPU memory), against that copy measured on its own
+at the end.
+Plans: the block workload's plans are ``RegionArray`` columns, the fast path a caller with
+thousands of blocks per transfer takes (``TransferPlan.from_arrays``).
 Peer rows (``run_benchmark(peers=["mooncake"])``): Mooncake's transfer engine over TCP
 moves the same block plans from this process into a child (``bench.peers``), compared with
 ``raw_socket`` like the network transports; a peer that cannot load here has no row and
@@ -45,7 +49,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pdfabric.bench.child import RAW_HDR, device_buffer
-from pdfabric.memory import Region, region_of
+from pdfabric.memory import Region, RegionArray, region_of
 from pdfabric.testing.peer import PeerProcess, decode_descriptor
 from pdfabric.transports import PeerId, TransferId, TransferPlan, Transport, create
 from pdfabric.units import format_size
@@ -81,6 +85,7 @@ class Row:
     ratio_reference: float | None = None
     ratio_to_raw_nixl: float | None = None  # nixl rows: gbps over the interleaved raw NIXL
     ratio_to_memcpy: float | None = None  # gbps over single-thread memcpy (run's reference)
+    ratio_to_d2d: float | None = None  # GPU runs: gbps over the device-to-device copy (run's reference)
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -189,13 +194,14 @@ class TransferBench:
         self, t: Transport, child: PeerProcess, peer: PeerId, src: list[Region], dst: list[list[int]], base: "Baseline"
     ) -> tuple[list[float], list[float]]:
         """Alternate one transfer round and one baseline round; (ours, baseline) seconds."""
-        dst_r = tuple(Region(a, n) for a, n in dst)
+        src_r = RegionArray.of(src)
+        dst_r = RegionArray.of(Region(a, n) for a, n in dst)
         ours, theirs = [], []
         for i in range(self.rounds + 1):
             tid = f"bw-{id(src)}-{i}"
             child.request("grant", tid=tid, regions=dst)
             t0 = time.perf_counter()
-            h = t.write(peer, TransferPlan(TransferId(tid), tuple(src), dst_r))
+            h = t.write(peer, TransferPlan(TransferId(tid), src_r, dst_r))
             t.wait(h, 120)
             dt = time.perf_counter() - t0
             child.request("wait_recv", tid=tid, timeout=30)
@@ -258,10 +264,12 @@ def _reference_baselines(bench: TransferBench, sizes: Sequence[int], rounds: int
 
 def _baseline_kind(name: str, workload: str, device: str) -> str:
     """Which baseline a transport's rows are compared with."""
+    if name == "nixl" and workload == "blocks":
+        return "raw_nixl"
     if device != "cpu":
         return "d2d_copy"
     if name == "nixl":
-        return "raw_nixl" if workload == "blocks" else "memcpy"
+        return "memcpy"
     if name == "ucx":  # the child is on this host: UCX moves blocks with one cross-memory copy
         return "memcpy"
     return "memcpy" if name in SAME_HOST else "raw_socket"
@@ -304,6 +312,9 @@ def _add_reference_ratios(rows: list[Row], baselines: dict[str, dict[str, float]
         mc = baselines.get("memcpy", {}).get(format_size(r.total_bytes))
         if mc and r.workload != "latency":
             r.ratio_to_memcpy = r.gbps / mc
+        d2d = baselines.get("d2d_copy", {}).get(format_size(r.total_bytes))
+        if d2d and r.workload != "latency":
+            r.ratio_to_d2d = r.gbps / d2d
         if r.baseline == "raw_nixl":
             r.ratio_to_raw_nixl = r.ratio
 
@@ -322,7 +333,8 @@ def run_benchmark(
     peers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run every (transport, size, block) and the baselines; returns the JSON document.
-    ``device="cuda"``: both ends' pools are GPU memory, every row is compared with d2d_copy."""
+    ``device="cuda"``: both ends' pools are GPU memory; rows are compared with d2d_copy (nixl
+    with raw_nixl, and d2d_copy in ``ratio_to_d2d``)."""
     from pdfabric.bench.peers import peer_rows
 
     bench = TransferBench(rounds, progress, device=device)
@@ -456,8 +468,8 @@ class RawNixl(Baseline):
         pool = 2 * len(s_ids) * block
         self.child = PeerProcess("loopback", {}, module=_CHILD, timeout=120)
         try:
-            remote = self.child.request("raw_nixl_listen", size=pool)
-            self.sender = RawNixlSender(remote, pool, block, s_ids, d_ids)
+            remote = self.child.request("raw_nixl_listen", size=pool, device=bench.device)
+            self.sender = RawNixlSender(remote, pool, block, s_ids, d_ids, device=bench.device)
         except BaseException:
             self.child.close()
             raise

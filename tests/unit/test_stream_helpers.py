@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pdfabric.errors import GrantRefused, PeerGone, TransferAborted, TransferTimeout
-from pdfabric.memory import Region
+from pdfabric.memory import Region, RegionArray
 from pdfabric.transports._plan import coalesce_plan, split_streams
 from pdfabric.transports.base import (
     MAX_TRANSFER_ID_BYTES,
@@ -317,3 +317,45 @@ def test_concurrent_resolves_have_exactly_one_winner() -> None:
         t.join(2.0)
     assert sorted(wins) == [False] * 7 + [True]
     assert (h.status is Status.DONE) == (h.error is None)
+
+
+def test_plan_from_arrays_matches_the_same_plan_from_regions() -> None:
+    src, dst, ln = np.array([4096, 8192, 20480]), np.array([0, 4096, 65536]), np.array([4096, 4096, 8192])
+    fast = TransferPlan.from_arrays("t", src, dst, ln)
+    slow = TransferPlan.from_pairs("t", [(Region(int(s), int(n)), Region(int(d), int(n))) for s, d, n in zip(src, dst, ln)])
+    assert fast == slow and fast.nbytes == slow.nbytes == 16384
+    assert np.array_equal(coalesce_plan(fast), coalesce_plan(slow))
+    assert coalesce_plan(fast).tolist() == [[4096, 0, 8192], [20480, 65536, 8192]]  # first two merge
+    assert list(fast.src) == [Region(4096, 4096), Region(8192, 4096), Region(20480, 8192)]
+    assert fast.dst[2] == Region(65536, 8192) and fast.dst[1:] == RegionArray([4096, 65536], [4096, 8192])
+
+
+def test_region_array_is_a_copy_the_caller_cannot_move() -> None:
+    addrs = np.array([0, 4096], dtype=np.uint64)
+    ra = RegionArray(addrs, [4096, 4096])
+    addrs[0] = 999
+    assert ra[0] == Region(0, 4096)
+    with pytest.raises(ValueError):
+        ra.addrs[0] = 5  # read-only
+
+
+@pytest.mark.parametrize(
+    ("addrs", "lengths", "match"),
+    [
+        ([0, 1], [1], "one length"),
+        ([[0]], [[1]], "1-D"),
+        ([0.5], [1], "integers"),
+        ([0, -4096], [1, 1], "address -4096 at index 1 is negative"),
+        ([0], [-1], "length -1 at index 0 is negative"),
+    ],
+)
+def test_region_array_refuses_bad_columns(addrs: list, lengths: list, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RegionArray(addrs, lengths)
+
+
+def test_plan_from_arrays_names_the_pair_whose_lengths_differ() -> None:
+    with pytest.raises(ValueError, match="pair 1 has source length 8, destination 16"):
+        TransferPlan(TransferId("t"), RegionArray([0, 8], [8, 8]), RegionArray([0, 8], [8, 16]))
+    with pytest.raises(ValueError, match="2 source regions but 1 destinations"):
+        TransferPlan(TransferId("t"), RegionArray([0, 8], [8, 8]), RegionArray([0], [8]))

@@ -189,6 +189,9 @@ class NixlTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
     def _register(self, regions: list[Region]) -> None:
         for r in regions:
             kind, dev = memory_kind(r.addr)
+            if (r.addr, r.length, kind, dev) in self._reg_rows:
+                continue  # registered already: a second NIXL descriptor of the same bytes would
+                # make peers refuse our metadata (NIXL_ERR_NOT_ALLOWED on VRAM: other keys)
             try:
                 descs = self._agent.register_memory([(r.addr, r.length, dev, "")], MEM_NAMES[kind])
             except NIXL_ERRORS as e:

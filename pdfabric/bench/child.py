@@ -115,11 +115,11 @@ class BenchChild(Child):
         assert self._shm is not None
         return {"first": int(self._shm.buf[0]), "last": int(self._shm.buf[size - 1])}
 
-    def raw_nixl_listen(self, size: int) -> dict[str, Any]:
+    def raw_nixl_listen(self, size: int, device: str = "cpu") -> dict[str, Any]:
         """A plain NIXL agent with one registered destination pool of ``size`` bytes."""
         from pdfabric.bench.raw_nixl import RawNixlReceiver
 
-        self._raw_nixl = RawNixlReceiver(size)
+        self._raw_nixl = RawNixlReceiver(size, device)
         return self._raw_nixl.describe()
 
     def close_extras(self) -> dict[str, Any]:

@@ -53,10 +53,11 @@ def _table(doc: dict[str, Any]) -> Any:
 
     from pdfabric.units import format_size
 
-    on_gpu = ", GPU memory" if doc["meta"].get("device", "cpu") != "cpu" else ""
+    gpu = doc["meta"].get("device", "cpu") != "cpu"
+    on_gpu, ref = (", GPU memory", "ratio_to_d2d") if gpu else ("", "ratio_to_memcpy")
     t = Table(title=f"pdfabric transfer benchmark (median of {doc['meta']['rounds']} rounds{on_gpu})")
     for col in ("transport", "workload", "block", "total", "GB/s", "baseline", "base GB/s", "ratio", "ref ratio",
-                "vs memcpy", "p50 us", "p99 us"):  # fmt: skip
+                "vs d2d" if gpu else "vs memcpy", "p50 us", "p99 us"):  # fmt: skip
         t.add_column(col, justify="left" if col in ("transport", "workload", "baseline") else "right")
     for r in doc["results"]:
         lat = r["workload"] == "latency"
@@ -65,7 +66,7 @@ def _table(doc: dict[str, Any]) -> Any:
             "-" if lat else f"{r['gbps']:.2f}", r["baseline"], "-" if lat else f"{r['baseline_gbps']:.2f}",
             f"{r['ratio']:.2f}" if not lat else f"{r['baseline_gbps'] / r['gbps']:.2f}x slower",
             "-" if lat or r.get("ratio_reference") is None else f"{r['ratio_reference']:.2f}",
-            "-" if r.get("ratio_to_memcpy") is None else f"{r['ratio_to_memcpy']:.2f}",
+            "-" if r.get(ref) is None else f"{r[ref]:.2f}",
             f"{r['p50_us']:.1f}", f"{r['p99_us']:.1f}",
         )  # fmt: skip
     return t

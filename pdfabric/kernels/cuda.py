@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import re
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,7 @@ def launch(
     cupy = _import_cupy()
     fn = gather_fn if kind == "gather" else scatter_fn
     with cupy.cuda.Device(index):
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+        stream = external_stream(cupy, torch.cuda.current_stream(device).cuda_stream)
         fn(
             (cfg.grid,),
             (cfg.block,),
@@ -162,3 +163,27 @@ def launch(
             ),
             stream=stream,
         )
+
+
+class _StreamPointer:
+    """A raw ``cudaStream_t`` behind the CUDA stream protocol (what ``Stream.from_external`` takes)."""
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+def external_stream(cupy: Any, ptr: int) -> Any:
+    """A cupy stream object for a stream made elsewhere (torch's): ``Stream.from_external``
+    where cupy has it (14+, where ``ExternalStream`` is deprecated), ``ExternalStream`` before."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        try:
+            return from_external(_StreamPointer(ptr))
+        except (TypeError, ValueError, AttributeError):
+            pass  # a cupy whose from_external wants another protocol version
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(ptr)

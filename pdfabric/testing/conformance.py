@@ -104,11 +104,13 @@ def _expect(exc: type[BaseException] | tuple[type[BaseException], ...], fn: Call
 def check_round_trip(make_pair: PairFactory) -> None:
     """Random data in block sizes 4 KiB - 4 MiB lands in scattered destination blocks."""
     snd, rcv, peer = _connected(make_pair)
+    alive = []  # registered memory stays allocated until close (the transport contract)
     try:
         rng = np.random.default_rng(1)
         for block in (4 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB):
             n = max(4, (8 * MiB) // block)
             src, dst = Buffer.random(n * block, block), Buffer.filled(2 * n * block)
+            alive += [src, dst]
             snd.register([src.region])
             rcv.register([dst.region])
             tid = f"rt-{block}"

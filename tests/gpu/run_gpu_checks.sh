@@ -6,9 +6,9 @@
 # 1. the GPU tests (tests/gpu: cuda_ipc and nixl conformance on GPU memory, cuda_ipc across
 #    processes, the csrc kernels),
 # 2. the csrc gather/scatter kernels' bandwidth check,
-# 3. the transfer benchmark on GPU memory: cuda_ipc (and nixl when installed) against a
-#    device-to-device copy of the same bytes measured in the same run; tcp on host memory
-#    for reference,
+# 3. the transfer benchmark on GPU memory: cuda_ipc against a device-to-device copy of the
+#    same bytes, nixl (when installed) against raw NIXL on the same GPU memory, both measured
+#    in the same run; tcp on host memory for reference,
 # then a short table, last. Exit 0 only when every step passed and cuda_ipc moved at least
 # 0.8x the bytes per second of the device-to-device copy at the largest size.
 #
@@ -83,12 +83,13 @@ print(f"\npdfabric GPU checks on {gpu} (results in {out})")
 print(f"{'check':<12} {'result':<16} time")
 for name, verdict, secs in steps:
     print(f"{name:<12} {verdict:<16} {secs}")
-print(f"\n{'transport':<10} {'memory':<6} {'total':>7} {'GB/s':>8} {'baseline':<10} {'base GB/s':>9} {'ratio':>6} {'ref':>6} {'extra us':>9}")
+print(f"\n{'transport':<10} {'memory':<6} {'total':>7} {'GB/s':>8} {'baseline':<10} {'base GB/s':>9} {'ratio':>6} {'ref':>6} {'vs d2d':>6} {'extra us':>9}")
 for r in sorted(rows, key=lambda r: (r["memory"], r["transport"], r["total_bytes"])):
     extra = (r["total_bytes"] / r["gbps"] - r["total_bytes"] / r["baseline_gbps"]) / 1e3  # us per transfer over the baseline
     ref = "-" if r.get("ratio_reference") is None else f"{r['ratio_reference']:.2f}"
+    d2d = "-" if r.get("ratio_to_d2d") is None else f"{r['ratio_to_d2d']:.2f}"
     print(f"{r['transport']:<10} {r['memory']:<6} {size(r['total_bytes']):>7} {r['gbps']:>8.1f} {r['baseline']:<10} "
-          f"{r['baseline_gbps']:>9.1f} {r['ratio']:>6.2f} {ref:>6} {extra:>9.0f}")
+          f"{r['baseline_gbps']:>9.1f} {r['ratio']:>6.2f} {ref:>6} {d2d:>6} {extra:>9.0f}")
 ipc = [r for r in rows if r["transport"] == "cuda_ipc"]
 ok = all(v == "pass" for _, v, _ in steps)
 if ipc:

@@ -180,6 +180,18 @@ def test_registration_after_connect_reaches_the_sender(pair) -> None:  # type: i
     assert (late[64 * KiB :] == src[128 * KiB : 192 * KiB]).all() and (late[: 64 * KiB] == 0).all()
 
 
+def test_registering_the_same_region_twice_keeps_one_nixl_descriptor(pair) -> None:  # type: ignore[no-untyped-def]
+    snd, rcv, src, dst = pair
+    rows = list(rcv._reg_rows)
+    rcv.register([region_of(dst)])  # again: one descriptor per bytes, or peers refuse the metadata
+    assert rcv._reg_rows == rows, "a second registration of the same bytes was added"
+    peer = snd.connect(rcv.descriptor())
+    rcv.grant("twice", _blocks(dst, [3]))
+    snd.wait(snd.write(peer, TransferPlan(TransferId("twice"), _blocks(src, [0]), _blocks(dst, [3]))), 5)
+    assert rcv.wait_recv("twice", 5).nbytes == 64 * KiB
+    assert (dst[192 * KiB :] == src[: 64 * KiB]).all()
+
+
 # ------------------------------------------------------------------ forged notifications
 
 

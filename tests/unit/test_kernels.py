@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import pytest
 
 from pdfabric.errors import LayoutError
@@ -162,3 +165,47 @@ def test_bad_staging_is_named() -> None:
     _raises(r"staging: expected a torch.Tensor, got bytes", scatter_blocks, layers, ids, bytes(nbytes))
     _raises(r"backend='cuda' needs CUDA tensors; the layers are on cpu", gather_blocks, layers, ids, backend="cuda")
     _raises(r"backend: expected 'auto', 'cuda' or 'torch', got 'gpu'", gather_blocks, layers, ids, backend="gpu")
+
+
+class _FakeCupy:
+    """Just enough of cupy's namespace for ``external_stream``."""
+
+    def __init__(self, from_external: Any) -> None:
+        self.made: list[tuple[str, int]] = []
+        fake = self
+
+        class Stream:
+            pass
+
+        if from_external is not None:
+            Stream.from_external = staticmethod(from_external)  # type: ignore[attr-defined]
+
+        class ExternalStream:
+            def __init__(self, ptr: int) -> None:
+                warnings.warn("ExternalStream is deprecated", DeprecationWarning, stacklevel=2)
+                fake.made.append(("ExternalStream", ptr))
+
+        self.cuda = type("cuda", (), {"Stream": Stream, "ExternalStream": ExternalStream})
+
+
+def test_external_stream_hands_cupy_the_pointer_through_the_stream_protocol() -> None:
+    from pdfabric.kernels.cuda import external_stream
+
+    seen = []
+    fake = _FakeCupy(lambda obj: seen.append(obj.__cuda_stream__()) or "stream")
+    assert external_stream(fake, 0xABC) == "stream"
+    assert seen == [(0, 0xABC)] and fake.made == []
+
+
+@pytest.mark.parametrize("from_external", [None, "refuses"])
+def test_external_stream_falls_back_without_the_deprecation_warning(from_external: Any) -> None:
+    from pdfabric.kernels.cuda import external_stream
+
+    def refuses(obj: Any) -> Any:
+        raise TypeError("wants another protocol version")
+
+    fake = _FakeCupy(refuses if from_external else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        external_stream(fake, 0x10)
+    assert fake.made == [("ExternalStream", 0x10)]

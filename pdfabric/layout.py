@@ -51,6 +51,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
+import numpy as np
+
 from pdfabric.errors import LayoutError, ProtocolMismatch
 from pdfabric.memory import Region
 
@@ -62,6 +64,7 @@ __all__ = [
     "LayoutFingerprint",
     "coalesce_block_ids",
     "pair_regions",
+    "pair_columns",
 ]
 
 LayoutKind = Literal["cpu", "flash_nhd", "flash_hnd", "mla"]
@@ -448,23 +451,47 @@ class KVLayout:
         )
 
 
-def _joint_runs(
-    src: list[int], dst: list[int], src_dense: bool, dst_dense: bool
-) -> list[tuple[int, int, int]]:
-    """(src_start, dst_start, count) runs cut wherever either side stops being contiguous."""
-    runs: list[tuple[int, int, int]] = []
-    if not src:
-        return runs
-    s0, d0, count = src[0], dst[0], 1
-    for k in range(1, len(src)):
-        s, d = src[k], dst[k]
-        if src_dense and dst_dense and s == s0 + count and d == d0 + count:
-            count += 1
-        else:
-            runs.append((s0, d0, count))
-            s0, d0, count = s, d, 1
-    runs.append((s0, d0, count))
-    return runs
+def _joint_runs(src: list[int], dst: list[int], src_dense: bool, dst_dense: bool) -> np.ndarray:
+    """(k, 3) int64 runs [src_start, dst_start, count], cut wherever either side stops being
+    contiguous (every id its own run unless both layouts are dense)."""
+    s, d = np.asarray(src, dtype=np.int64).reshape(-1), np.asarray(dst, dtype=np.int64).reshape(-1)
+    if not (src_dense and dst_dense) or len(s) < 2:
+        return np.stack([s, d, np.ones_like(s)], axis=1)
+    brk = np.ones(len(s), dtype=bool)
+    brk[1:] = (s[1:] != s[:-1] + 1) | (d[1:] != d[:-1] + 1)
+    idx = np.flatnonzero(brk)
+    return np.stack([s[idx], d[idx], np.diff(np.append(idx, len(s)))], axis=1)
+
+
+def pair_columns(
+    src_layout: KVLayout,
+    src_ids: Sequence[int],
+    dst_layout: KVLayout,
+    dst_ids: Sequence[int],
+    layers: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``pair_regions`` as three uint64 columns (source addresses, destination addresses,
+    lengths), in the same order - what ``TransferPlan.from_arrays`` takes, with no Python
+    object per block."""
+    diff = src_layout.geometry.mismatches(dst_layout.geometry)
+    if diff:
+        raise LayoutError("cannot pair regions of incompatible layouts: " + "; ".join(diff))
+    if len(src_ids) != len(dst_ids):
+        raise LayoutError(
+            f"cannot pair {len(src_ids)} source block ids with {len(dst_ids)} destination block ids"
+        )
+    src, dst = src_layout._check_ids(src_ids), dst_layout._check_ids(dst_ids)
+    runs = _joint_runs(src, dst, src_layout.dense_blocks, dst_layout.dense_blocks).astype(np.uint64)
+    seg = np.uint64(src_layout.geometry.segment_bytes)
+    sst, dstr = np.uint64(src_layout.block_stride), np.uint64(dst_layout.block_stride)
+    sb = np.array(src_layout.segment_bases(layers), dtype=np.uint64)[:, None]
+    db = np.array(dst_layout.segment_bases(layers), dtype=np.uint64)[:, None]
+    shape = (len(sb), len(runs))
+    return (
+        (sb + runs[:, 0] * sst).reshape(-1),
+        (db + runs[:, 1] * dstr).reshape(-1),
+        np.broadcast_to(runs[:, 2] * seg, shape).reshape(-1),
+    )
 
 
 def pair_regions(
@@ -479,23 +506,8 @@ def pair_regions(
     Order: per layer, per segment, per joint run. Raises ``LayoutError`` when the two
     geometries differ in anything but ``num_blocks``, or when the id counts differ.
     """
-    diff = src_layout.geometry.mismatches(dst_layout.geometry)
-    if diff:
-        raise LayoutError("cannot pair regions of incompatible layouts: " + "; ".join(diff))
-    if len(src_ids) != len(dst_ids):
-        raise LayoutError(
-            f"cannot pair {len(src_ids)} source block ids with {len(dst_ids)} destination block ids"
-        )
-    src, dst = src_layout._check_ids(src_ids), dst_layout._check_ids(dst_ids)
-    runs = _joint_runs(src, dst, src_layout.dense_blocks, dst_layout.dense_blocks)
-    seg = src_layout.geometry.segment_bytes
-    sst, dstr = src_layout.block_stride, dst_layout.block_stride
-    bases = zip(src_layout.segment_bases(layers), dst_layout.segment_bases(layers))
-    return [
-        (Region(sb + s * sst, n * seg), Region(db + d * dstr, n * seg))
-        for sb, db in bases
-        for s, d, n in runs
-    ]
+    s, d, n = pair_columns(src_layout, src_ids, dst_layout, dst_ids, layers)
+    return [(Region(a, k), Region(b, k)) for a, b, k in zip(s.tolist(), d.tolist(), n.tolist())]
 
 
 @dataclass(frozen=True, slots=True)

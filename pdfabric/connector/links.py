@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import msgspec
 
 from pdfabric.errors import FabricError
-from pdfabric.layout import KVGeometry, KVLayout, LayoutFingerprint, pair_regions
-from pdfabric.memory import Region
+from pdfabric.layout import KVGeometry, KVLayout, LayoutFingerprint, pair_columns
 from pdfabric.protocol.messages import WIRE_VERSION, Hello, HelloOk, LayoutInfo, Message, Refuse
-from pdfabric.transports.base import PeerDescriptor, PeerId, Transport
+from pdfabric.transports.base import PeerDescriptor, PeerId, TransferPlan, Transport
 
 __all__ = ["ConsumerLink", "ProducerLinks", "ConsumerLinks", "layout_info"]
 
@@ -47,8 +46,9 @@ class ConsumerLink:
     layout: KVLayout
     peer_id: PeerId
 
-    def pairs(self, src_layout: KVLayout, src: list[int], dst: list[int], layer: int) -> list[tuple[Region, Region]]:
-        return pair_regions(src_layout, src, self.layout, dst, layers=[layer])
+    def plan(self, tid: str, src_layout: KVLayout, src: list[int], dst: list[int], layer: int) -> TransferPlan:
+        """One layer's blocks ``src`` here -> ``dst`` in the consumer, as plan columns."""
+        return TransferPlan.from_arrays(tid, *pair_columns(src_layout, src, self.layout, dst, layers=[layer]))
 
 
 class ProducerLinks:

@@ -433,7 +433,7 @@ class FabricWorker:
             try:
                 if link is None:
                     raise ConnectionError("no handshake with this consumer")
-                plan = TransferPlan.from_pairs(sub_transfer_id(tid, layer), link.pairs(self.layout, src, g.blocks, layer))
+                plan = link.plan(sub_transfer_id(tid, layer), self.layout, src, g.blocks, layer)
                 if faults.hit(faults.delay_prefix, tid):
                     self._pushes[(tid, layer)] = self._late_write(link.peer_id, plan, tid, layer)
                     continue

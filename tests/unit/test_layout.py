@@ -15,9 +15,11 @@ from pdfabric.layout import (
     KVLayout,
     LayoutFingerprint,
     coalesce_block_ids,
+    pair_columns,
     pair_regions,
 )
 from pdfabric.memory import view_of
+from pdfabric.transports.base import TransferPlan
 
 KINDS = ["cpu", "flash_nhd", "flash_hnd", "mla"]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -244,6 +246,28 @@ def test_pair_regions_with_different_fragmentation(kind: str) -> None:
     for t, e in zip(dst_caches.values(), expected):
         assert torch.equal(t.view(torch.uint8), e)
     assert len(pair_regions(src, [1, 2], dst, [3, 4], layers=[1])) == len(segments(kind))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pair_columns_feed_a_plan_that_moves_the_same_bytes(kind: str) -> None:
+    src_caches = make_caches(kind, torch.bfloat16, num_blocks=10, seed=3)
+    dst_caches = make_caches(kind, torch.bfloat16, num_blocks=16, seed=4)
+    src, dst = layout_of(kind, src_caches), layout_of(kind, dst_caches)
+    s, d, n = pair_columns(src, [5, 6, 0], dst, [2, 3, 15], layers=[1])
+    assert s.dtype == d.dtype == n.dtype == np.uint64
+    plan = TransferPlan.from_arrays("t", s, d, n)
+    assert list(zip(plan.src, plan.dst)) == pair_regions(src, [5, 6, 0], dst, [2, 3, 15], layers=[1])
+    for a, b, k in plan.columns.tolist():
+        ctypes.memmove(b, a, k)
+    names = list(src_caches)
+    for si, di in ((5, 2), (6, 3), (0, 15)):
+        for seg in segments(kind):
+            sidx = (seg, si) if kind.startswith("flash") else (si,)
+            didx = (seg, di) if kind.startswith("flash") else (di,)
+            assert torch.equal(dst_caches[names[1]].view(torch.uint8)[didx], src_caches[names[1]].view(torch.uint8)[sidx])
+    first = (0, 2) if kind.startswith("flash") else (2,)
+    assert not torch.equal(dst_caches[names[0]].view(torch.uint8)[first], src_caches[names[0]].view(torch.uint8)[first[:-1] + (5,)])
+    assert all(len(c) == 0 for c in pair_columns(src, [], dst, []))
 
 
 def test_pair_regions_refuses_mismatches() -> None:

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Sequence, overload
 
 import numpy as np
 
-__all__ = ["Region", "RegionArray", "region_of", "view_of", "coalesce_regions", "total_bytes", "contains"]
+__all__ = ["Region", "RegionArray", "region_columns", "merge_columns", "region_of", "view_of", "coalesce_regions", "total_bytes", "contains"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +94,38 @@ class RegionArray(Sequence[Region]):
 
     def __repr__(self) -> str:
         return f"RegionArray({len(self)} regions, {int(self.lengths.sum())} bytes)"
+
+
+def region_columns(regions: Sequence[Region], what: str = "region") -> tuple[np.ndarray, np.ndarray]:
+    """(addresses, lengths) of regions as uint64 columns - a ``RegionArray``'s own, without a
+    copy; ValueError naming the first region (``what`` and its index) whose address or length
+    is out of range."""
+    if isinstance(regions, RegionArray):
+        return regions.addrs, regions.lengths
+    addrs = [r.addr for r in regions]
+    lengths = [r.length for r in regions]
+    try:
+        return np.array(addrs, dtype=np.uint64).reshape(-1), np.array(lengths, dtype=np.uint64).reshape(-1)
+    except OverflowError:
+        i = next(k for k, (a, n) in enumerate(zip(addrs, lengths)) if not (0 <= a < 1 << 64 and 0 <= n < 1 << 64))
+        raise ValueError(f"{what} {i} has address {addrs[i]}, length {lengths[i]} (out of range)") from None
+
+
+def merge_columns(addrs: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted, merged (starts, ends) of the non-empty regions given as columns: overlapping
+    or touching regions become one."""
+    keep = lengths != 0
+    a = addrs[keep]
+    order = np.argsort(a, kind="stable")
+    a = a[order]
+    e = a + lengths[keep][order]
+    if len(a) < 2:
+        return a, e
+    reach = np.maximum.accumulate(e)
+    brk = np.ones(len(a), dtype=bool)
+    brk[1:] = a[1:] > reach[:-1]
+    idx = np.flatnonzero(brk)
+    return a[idx], np.maximum.reduceat(e, idx)
 
 
 def region_of(buf: Any) -> Region:

@@ -41,7 +41,7 @@ from pdfabric.errors import (
     TransportClosed,
     TransportError,
 )
-from pdfabric.memory import Region, view_of
+from pdfabric.memory import Region, merge_columns, region_columns, view_of
 
 from .base import Rejection, RecvResult, Status, TransferId
 
@@ -130,6 +130,10 @@ class MemoryTable:
     def contains(self, addr: int, length: int) -> bool:
         return self._find(addr, length) is not None
 
+    def first_outside(self, addrs: np.ndarray, lens: np.ndarray) -> int:
+        """Index of the first (addr, len) not inside one registered region; -1 when none."""
+        return first_outside(self._index[2], self._index[3], addrs, lens)
+
     def check(self, addrs: np.ndarray, lens: np.ndarray) -> None:
         """Vectorized: RegistrationError unless every (addr, len) is inside one region."""
         bad = first_outside(self._index[2], self._index[3], addrs, lens)
@@ -203,26 +207,21 @@ class GrantTable:
 
     # -- owner API ---------------------------------------------------------------------
     def grant(self, tid: str, regions: Sequence[Region]) -> None:
-        merged = merge_regions(regions)
-        for r in merged:
-            if not self._memory.contains(r.addr, r.length):
-                raise RegistrationError(
-                    f"grant {tid}: {r.length} bytes at {r.addr:#x} are outside registered memory",
-                    transfer_id=tid,
-                    transport=self._transport,
-                )
+        starts, ends = merge_columns(*region_columns(regions, f"grant {tid}: region"))
+        bad = self._memory.first_outside(starts, ends - starts)
+        if bad >= 0:
+            raise RegistrationError(
+                f"grant {tid}: {int(ends[bad] - starts[bad])} bytes at {int(starts[bad]):#x} are outside registered memory",
+                transfer_id=tid,
+                transport=self._transport,
+            )
         with self._lock:
             if self._closed:
                 raise TransportClosed("transport is closed", transport=self._transport)
             if tid in self._grants:
                 raise ValueError(f"transfer {tid} is already granted")
             self._finished.pop(tid, None)
-            self._grants[tid] = _Grant(
-                TransferId(tid),
-                np.array([r.addr for r in merged], dtype=np.uint64),
-                np.array([r.end for r in merged], dtype=np.uint64),
-                sum(r.length for r in merged),
-            )
+            self._grants[tid] = _Grant(TransferId(tid), starts, ends, int((ends - starts).sum()))
 
     def revoke(self, tid: str) -> None:
         """Withdraw the grant whatever its state; a waiter gets TransferAborted.

@@ -48,7 +48,7 @@ from pdfabric.errors import (
     TransportClosed,
     TransportError,
 )
-from pdfabric.memory import Region, RegionArray
+from pdfabric.memory import Region, RegionArray, region_columns
 
 __all__ = [
     "TransferId",
@@ -135,7 +135,8 @@ class TransferPlan:
             raise ValueError(
                 f"plan {tid}: {len(self.src)} source regions but {len(self.dst)} destinations"
             )
-        (sa, sl), (da, dl) = _columns(self.src, tid, "source"), _columns(self.dst, tid, "destination")
+        sa, sl = region_columns(self.src, f"plan {tid}: source of pair")
+        da, dl = region_columns(self.dst, f"plan {tid}: destination of pair")
         bad = np.flatnonzero(sl != dl)
         if len(bad):
             i = int(bad[0])
@@ -155,20 +156,6 @@ class TransferPlan:
     @property
     def nbytes(self) -> int:
         return int(self.columns[:, 2].sum())
-
-
-def _columns(regions: Sequence[Region], tid: str, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(addresses, lengths) of a plan side as uint64 columns; ValueError naming the first
-    negative one."""
-    if isinstance(regions, RegionArray):
-        return regions.addrs, regions.lengths
-    addrs = [r.addr for r in regions]
-    lengths = [r.length for r in regions]
-    try:
-        return np.array(addrs, dtype=np.uint64).reshape(-1), np.array(lengths, dtype=np.uint64).reshape(-1)
-    except OverflowError:
-        i = next(k for k, (a, n) in enumerate(zip(addrs, lengths)) if a < 0 or n < 0 or a >= 1 << 64 or n >= 1 << 64)
-        raise ValueError(f"plan {tid}: pair {i} has {what} address {addrs[i]}, length {lengths[i]} (out of range)") from None
 
 
 @dataclass(frozen=True, slots=True)

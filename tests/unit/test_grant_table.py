@@ -20,7 +20,7 @@ from pdfabric.errors import (
     TransferTimeout,
     TransportClosed,
 )
-from pdfabric.memory import Region, region_of
+from pdfabric.memory import Region, RegionArray, merge_columns, region_columns, region_of
 from pdfabric.transports._state import MemoryTable, merge_regions
 from pdfabric.transports.base import RecvResult, Rejection, Status
 
@@ -37,6 +37,26 @@ def test_merge_regions_sorts_merges_overlapping_and_touching_and_drops_empty() -
 def test_merge_regions_keeps_gaps() -> None:
     assert merge_regions([Region(0, 4), Region(5, 4)]) == [Region(0, 4), Region(5, 4)]
     assert merge_regions([]) == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_merge_columns_agrees_with_merge_regions(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 40))
+    regions = [Region(int(a), int(k)) for a, k in zip(rng.integers(0, 400, n), rng.integers(0, 30, n))]
+    starts, ends = merge_columns(*region_columns(regions))
+    assert [Region(int(a), int(e - a)) for a, e in zip(starts, ends)] == merge_regions(regions)
+
+
+def test_grant_of_a_region_array_merges_and_names_bytes_outside_registered_memory() -> None:
+    r = Receiver(size=512)
+    base = r.base
+    r.table.grant("ok", RegionArray([base + 256, base, base + 128], [128, 128, 128]))  # one region after merging
+    assert r.table.progress("ok") == (0, 384)
+    with pytest.raises(RegistrationError, match=f"grant out: 64 bytes at {base + 512:#x} are outside registered memory"):
+        r.table.grant("out", RegionArray([base, base + 512], [64, 64]))
+    with pytest.raises(ValueError, match="grant neg: region 1 has address"):
+        r.table.grant("neg", [Region(base, 8), Region(base, -8)])
 
 
 def test_memory_table_merges_overlapping_and_touching_registrations() -> None:

@@ -54,7 +54,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from pdfabric.errors import LayoutError, ProtocolMismatch
-from pdfabric.memory import Region
+from pdfabric.memory import Region, RegionArray
 
 __all__ = [
     "LayoutKind",
@@ -413,6 +413,19 @@ class KVLayout:
         """Base address of every (layer, segment), in region order."""
         ss, nseg = self.segment_stride, self.geometry.segments_per_block
         return [self.layer_addrs[layer] + s * ss for layer in self._check_layers(layers) for s in range(nseg)]
+
+    def region_array(self, block_ids: Sequence[int], layers: Sequence[int] | None = None) -> RegionArray:
+        """The bytes of ``block_ids`` as a ``RegionArray`` (what a grant takes without a
+        Python object per block): per layer, per segment, per run of ids adjacent in the given
+        order - the same bytes as ``regions``, possibly cut into more pieces."""
+        ids = self._check_ids(block_ids)
+        runs = _joint_runs(ids, ids, self.dense_blocks, self.dense_blocks).astype(np.uint64)
+        bases = np.array(self.segment_bases(layers), dtype=np.uint64)[:, None]
+        lengths = runs[:, 2] * np.uint64(self.geometry.segment_bytes)
+        return RegionArray(
+            (bases + runs[:, 0] * np.uint64(self.block_stride)).reshape(-1),
+            np.broadcast_to(lengths, (len(bases), len(runs))).reshape(-1),
+        )
 
     def regions(self, block_ids: Sequence[int], layers: Sequence[int] | None = None) -> list[Region]:
         """Coalesced byte regions of ``block_ids``: per layer, per segment, per run (Rule 1)."""

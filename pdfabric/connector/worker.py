@@ -392,7 +392,7 @@ class FabricWorker:
         self._granted_blocks[g.transfer_id] = list(g.blocks)
         try:
             for layer in range(self.layout.geometry.num_layers):
-                self.transport.grant(sub_transfer_id(g.transfer_id, layer), self.layout.regions(g.blocks, [layer]))
+                self.transport.grant(sub_transfer_id(g.transfer_id, layer), self.layout.region_array(g.blocks, [layer]))
         except Exception as e:
             self._do(self.ctable.failed(g.transfer_id, f"cannot grant blocks: {e}", tell_producer=True))
             return

@@ -19,6 +19,7 @@ from pdfabric.layout import (
     pair_regions,
 )
 from pdfabric.memory import view_of
+from pdfabric.transports._state import merge_regions
 from pdfabric.transports.base import TransferPlan
 
 KINDS = ["cpu", "flash_nhd", "flash_hnd", "mla"]
@@ -268,6 +269,17 @@ def test_pair_columns_feed_a_plan_that_moves_the_same_bytes(kind: str) -> None:
     first = (0, 2) if kind.startswith("flash") else (2,)
     assert not torch.equal(dst_caches[names[0]].view(torch.uint8)[first], src_caches[names[0]].view(torch.uint8)[first[:-1] + (5,)])
     assert all(len(c) == 0 for c in pair_columns(src, [], dst, []))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_region_array_covers_the_same_bytes_as_regions(kind: str) -> None:
+    lay = layout_of(kind, make_caches(kind, torch.float32))
+    for ids, layers in ((SCATTERED, None), ([2, 3, 4, 7], [1]), ([], None)):
+        got = merge_regions(list(lay.region_array(ids, layers)))
+        assert got == merge_regions(lay.regions(ids, layers))
+        assert sum(r.length for r in got) == len(ids) * lay.geometry.block_bytes_per_layer * (NUM_LAYERS if layers is None else 1)
+    with pytest.raises(LayoutError, match="block id 12 is out of range"):
+        lay.region_array([12])
 
 
 def test_pair_regions_refuses_mismatches() -> None:

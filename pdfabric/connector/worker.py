@@ -473,6 +473,7 @@ class FabricWorker:
         for region in self.layout.regions(blocks):
             elems = np.frombuffer(view_of(region), dtype=width)
             elems[:] = rng.permutation(elems)
+        self.counters["fault_corrupted_transfers"] += 1
 
     # -- control thread ------------------------------------------------------------------
     def _on_message(self, peer: str, msg: Message) -> list[Message]:

@@ -62,8 +62,7 @@ class RegionArray(Sequence[Region]):
 
     @classmethod
     def of(cls, regions: Iterable[Region]) -> "RegionArray":
-        rs = list(regions)
-        return cls(np.array([r.addr for r in rs], dtype=np.uint64), np.array([r.length for r in rs], dtype=np.uint64))
+        return cls(*region_columns(list(regions)))
 
     def __len__(self) -> int:
         return len(self.addrs)

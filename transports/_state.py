@@ -76,15 +76,9 @@ def first_outside(starts: np.ndarray, ends: np.ndarray, addrs: np.ndarray, lens:
 
 
 def merge_regions(regions: Sequence[Region]) -> list[Region]:
-    """Sort and merge overlapping or touching regions."""
-    out: list[Region] = []
-    for r in sorted((r for r in regions if r.length > 0), key=lambda r: r.addr):
-        if out and r.addr <= out[-1].end:
-            last = out[-1]
-            out[-1] = Region(last.addr, max(last.end, r.end) - last.addr)
-        else:
-            out.append(r)
-    return out
+    """Sort and merge overlapping or touching regions (``merge_columns`` on Region objects)."""
+    starts, ends = merge_columns(*region_columns(regions))
+    return [Region(a, e - a) for a, e in zip(starts.tolist(), ends.tolist())]
 
 
 class MemoryTable:

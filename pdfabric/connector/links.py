@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import msgspec
 
 from pdfabric.errors import FabricError
+from pdfabric.connector.staging import slot_layout
 from pdfabric.layout import KVGeometry, KVLayout, LayoutFingerprint, pair_columns
 from pdfabric.protocol.messages import WIRE_VERSION, Hello, HelloOk, LayoutInfo, Message, Refuse
 from pdfabric.transports.base import PeerDescriptor, PeerId, TransferPlan, Transport
@@ -46,9 +47,14 @@ class ConsumerLink:
     layout: KVLayout
     peer_id: PeerId
 
-    def plan(self, tid: str, src_layout: KVLayout, src: list[int], dst: list[int], layer: int) -> TransferPlan:
-        """One layer's blocks ``src`` here -> ``dst`` in the consumer, as plan columns."""
-        return TransferPlan.from_arrays(tid, *pair_columns(src_layout, src, self.layout, dst, layers=[layer]))
+    def plan(self, tid: str, src_layout: KVLayout, src: list[int], dst: list[int], layer: int,
+             staging: int = 0) -> TransferPlan:
+        """One layer's blocks ``src`` here -> ``dst`` in the consumer, as plan columns; into
+        the consumer's staging slot at ``staging`` instead when it is not 0."""
+        there = self.layout
+        if staging:
+            there, dst = slot_layout(self.layout, staging, len(dst)), list(range(len(dst)))
+        return TransferPlan.from_arrays(tid, *pair_columns(src_layout, src, there, dst, layers=[layer]))
 
 
 class ProducerLinks:

@@ -27,7 +27,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pdfabric.config.checks import problems_error
 from pdfabric.config.loader import load_topology, validation_problems
-from pdfabric.config.models import CacheConfig, CacheTier, Host, Port, Seconds, TcpTransport, TransportConfig
+from pdfabric.config.models import (
+    CacheConfig,
+    CacheTier,
+    Host,
+    Port,
+    PositiveSize,
+    Seconds,
+    TcpTransport,
+    TransportConfig,
+)
 from pdfabric.config.secrets import SecretRef, resolve_secret
 from pdfabric.errors import ConfigError
 
@@ -109,6 +118,8 @@ class ConnectorSettings(BaseModel):
     idle_wait_s: Annotated[float, Field(ge=0, le=0.1)] = 0.005
     log_transfers: Literal["info", "debug"] = "debug"
     cache: CacheSettings | None = None
+    staging: Literal["auto", "always", "never"] = "auto"
+    staging_bytes: PositiveSize = 1 << 30
     faults: Faults = Faults()
 
 
@@ -133,6 +144,8 @@ class Resolved:
     log_transfers: str
     faults: Faults
     cache: CacheSettings | None = None
+    staging: str = "auto"
+    staging_bytes: int = 1 << 30
 
 
 def parse_settings(extra: dict[str, Any] | None) -> ConnectorSettings:
@@ -181,6 +194,8 @@ def resolve_settings(extra: dict[str, Any] | None, *, needs_control_port: bool) 
         log_transfers=s.log_transfers,
         faults=s.faults,
         cache=cache,
+        staging=s.staging,
+        staging_bytes=s.staging_bytes,
     )
 
 

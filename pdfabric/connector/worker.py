@@ -20,6 +20,7 @@ import time
 from collections import Counter, deque
 from typing import Any, Callable
 
+import msgspec
 import numpy as np
 
 from pdfabric.connector.control import ControlEndpoint
@@ -27,6 +28,7 @@ from pdfabric.connector.kvcache import CacheLoad, CacheMover, CacheStore, ChunkC
 from pdfabric.connector.links import ConsumerLinks, ProducerLinks
 from pdfabric.connector.params import StepMeta
 from pdfabric.connector.settings import Resolved
+from pdfabric.connector.staging import Stager, register_memory
 from pdfabric.errors import TransportError
 from pdfabric.layout import KVLayout
 from pdfabric.memory import view_of
@@ -104,6 +106,9 @@ class FabricWorker:
         self._consumers: ProducerLinks | None = None  # producer's view of its consumers
         self._producers: ConsumerLinks | None = None  # consumer's view of its producers
         self.cache: CacheMover | None = None
+        self.stager: Stager | None = None  # host staging (KV the transport cannot reach)
+        self._slots: dict[str, int] = {}  # consumer: tid -> staging slot offset
+        self._staged: dict[tuple[str, int], int] = {}  # producer: (tid, layer) -> slot offset
         # requests whose receive (or release) needs two parts: cache load + transfer (store + push)
         self._recv_parts: dict[str, list[int]] = {}  # req -> [parts left, failed?]
         self._send_parts: dict[str, int] = {}  # req -> parts left
@@ -115,7 +120,7 @@ class FabricWorker:
         if self.settings.transport.kind == "tcp":
             opts["host"] = self.settings.control_host
         transport = create_from_config(self.settings.transport, **opts)
-        transport.register(layout.registration_regions())
+        self.stager = register_memory(transport, layout, kv_caches, self.settings.staging, self.settings.staging_bytes)
         self.layout, self.transport = layout, transport
         self._layer_index = {n: i for i, n in enumerate(layout.layer_names)}
         fp = layout.fingerprint(self.model, self.tp_rank, self.tp_size)
@@ -138,9 +143,9 @@ class FabricWorker:
         if s.secret_source == "none":
             log.warning("pdfabric: no control-plane secret configured: messages are checked for integrity "
                         "but any local process can send them; set kv_connector_extra_config.secret")
-        log.info("pdfabric: worker %s ready: %s transport, %d layers, control %s, auth %s",
+        log.info("pdfabric: worker %s ready: %s transport, %d layers, control %s, auth %s%s",
                  self.engine, transport.name, n, f"{bind[0]}:{bind[1]}" if bind else "outbound only",
-                 s.secret_source)
+                 s.secret_source, f", staging through {s.staging_bytes} host bytes" if self.stager else "")
 
     def _open_cache(self, layout: KVLayout) -> CacheMover | None:
         from pdfabric.cache.client import RemoteCacheClient
@@ -320,6 +325,7 @@ class FabricWorker:
         for key, h in list(self._pushes.items()):
             if h.status.finished:
                 del self._pushes[key]
+                self._unstage(self._staged, key)
                 err = None if h.status is XStatus.DONE else str(h.error or h.status.value)
                 self._do(self.ptable.push_result(key[0], key[1], err))
                 self._time_push(key[0], h, err is None)
@@ -355,6 +361,8 @@ class FabricWorker:
                     done = decode_done(res.notify)
                     if (done.transfer_id, done.layer, done.nbytes) != (tid, layer, res.nbytes):
                         raise ValueError(f"notification {done} does not match layer {layer} ({res.nbytes} bytes)")
+                    if tid in self._slots and self.stager is not None:
+                        self.stager.land(self._slots[tid], self._granted_blocks[tid], layer)
                 except Exception as e:  # every failure of one layer fails the transfer
                     self._do(self.ctable.failed(tid, f"layer {layer}: {e}"))
                     break
@@ -391,8 +399,13 @@ class FabricWorker:
         g = a.grant
         self._granted_blocks[g.transfer_id] = list(g.blocks)
         try:
+            where, ids = self.layout, list(g.blocks)
+            if self.stager is not None and ids:
+                self._slots[g.transfer_id] = off = self.stager.reserve(len(ids))
+                g = msgspec.structs.replace(g, staging=self.stager.pool.base + off)
+                where, ids = self.stager.slot_layout(g.staging, len(ids)), list(range(len(ids)))
             for layer in range(self.layout.geometry.num_layers):
-                self.transport.grant(sub_transfer_id(g.transfer_id, layer), self.layout.region_array(g.blocks, [layer]))
+                self.transport.grant(sub_transfer_id(g.transfer_id, layer), where.region_array(ids, [layer]))
         except Exception as e:
             self._do(self.ctable.failed(g.transfer_id, f"cannot grant blocks: {e}", tell_producer=True))
             return
@@ -403,6 +416,7 @@ class FabricWorker:
 
     def _finish(self, a: C.Finish) -> None:
         self._granted_blocks.pop(a.transfer_id, None)
+        self._unstage(self._slots, a.transfer_id)  # revoked (writes drained) before Finish
         self._grants_sent.pop(a.transfer_id, None)
         if a.ok:
             self._recv_done(a.request_id, True)
@@ -433,14 +447,30 @@ class FabricWorker:
             try:
                 if link is None:
                     raise ConnectionError("no handshake with this consumer")
-                plan = link.plan(sub_transfer_id(tid, layer), self.layout, src, g.blocks, layer)
+                here, ids = self._source(tid, layer, src)
+                plan = link.plan(sub_transfer_id(tid, layer), here, ids, g.blocks, layer, g.staging)
                 if faults.hit(faults.delay_prefix, tid):
                     self._pushes[(tid, layer)] = self._late_write(link.peer_id, plan, tid, layer)
                     continue
                 notify = encode(Done(tid, layer, plan.nbytes))
                 self._pushes[(tid, layer)] = self.transport.write(link.peer_id, plan, notify)
             except Exception as e:
+                self._unstage(self._staged, (tid, layer))
                 self._do(self.ptable.push_result(tid, layer, str(e)))
+
+    def _source(self, tid: str, layer: int, src: list[int]) -> tuple[KVLayout, list[int]]:
+        """Where a layer's write reads: the KV blocks, or a staging slot they were gathered to."""
+        assert self.layout is not None
+        if self.stager is None or not src:
+            return self.layout, src
+        self._staged[(tid, layer)], here = self.stager.stage(src, layer)
+        return here, list(range(len(src)))
+
+    def _unstage(self, slots: dict[Any, int], key: Any) -> None:
+        """Give a staging slot back: a producer's once its write ended, a consumer's at Finish."""
+        slot = slots.pop(key, None)
+        if slot is not None and self.stager is not None:
+            self.stager.release(slot)
 
     def _late_write(self, peer_id: Any, plan: TransferPlan, tid: str, layer: int) -> TransferHandle:
         """Fault injection: the write leaves ``delay_s`` late; the handle tracks it."""
@@ -537,6 +567,9 @@ class FabricWorker:
             open_ += self.ctable.open_transfers()
         if self.transport is not None:
             counters["transport_rejections"] = len(self.transport.rejections)
+        if self.stager is not None:
+            counters["staging_bytes_in_use"] = self.stager.pool.in_use
+            counters["staging_full"] = self.stager.full
         if self.cache is not None:
             counters.update({f"cache_{k}": int(v) for k, v in self.cache.counters.items()})
             counters.update({f"cache_client_{k}": v for k, v in self.cache.client.counters.items()})

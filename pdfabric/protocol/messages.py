@@ -22,6 +22,7 @@ WIRE_VERSION history (bump on any change a peer of the previous version would mi
 
 1. First version: Hello/HelloOk/Refuse, Grant, Abort, Heartbeat, Status/StatusReply,
    Done as the data-path notification.
+2. ``Grant.staging``: the address of the consumer's host staging slot (0: none).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ __all__ = [
     "sub_transfer_id",
 ]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 
 class ProtocolError(FabricError):
@@ -96,7 +97,11 @@ class Grant(_Msg):
     """The consumer reserved ``blocks`` for ``transfer_id``: push the prompt's KV blocks
     ``first_block ..`` into them, one write per layer. ``num_tokens`` is the prompt
     length (checked against the producer's); the blocks cover its first
-    ``num_tokens - 1`` tokens - the consumer recomputes the last one to sample from it."""
+    ``num_tokens - 1`` tokens - the consumer recomputes the last one to sample from it.
+
+    ``staging``: 0 when the grant covers the blocks themselves; else the consumer stages
+    (``pdfabric.connector.staging``) and granted, instead, the host slot at this address
+    that holds ``len(blocks)`` blocks of every layer in staging order."""
 
     transfer_id: str
     engine: str
@@ -104,6 +109,7 @@ class Grant(_Msg):
     first_block: int
     num_tokens: int
     timeout_s: float
+    staging: int = 0
 
 
 class Abort(_Msg):

@@ -98,7 +98,7 @@ class FabricPair:
             st = self.status(which)
             if st.open_transfers:
                 found.append(f"{which}: open transfers {st.open_transfers}")
-            for key in ("held_requests", "pushes_in_flight"):
+            for key in ("held_requests", "pushes_in_flight", "staging_bytes_in_use"):
                 if st.counters.get(key, 0):
                     found.append(f"{which}: {key}={st.counters[key]}")
             m = engine.metrics()

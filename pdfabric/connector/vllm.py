@@ -86,6 +86,9 @@ def _scheduler_cache(vllm_config: "VllmConfig", settings: Any, engine: str, bloc
     if pc.tensor_parallel_size > 1:
         log.error("pdfabric cache: tensor parallel engines cannot use the shared cache yet; it is off")
         return None, None
+    if device != "cpu":
+        log.error("pdfabric cache: the shared cache copies KV in host memory; it is off for a KV cache on %s", device)
+        return None, None
     if cs.server is not None:
         # the keying goes to the server, which publishes it for the proxy's lookups (unsalted only)
         return RemoteCacheClient(cs.server, chunk, name=f"{engine}/scheduler", timeout_s=cs.timeout_s,

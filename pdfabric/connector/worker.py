@@ -157,6 +157,9 @@ class FabricWorker:
             log.error("pdfabric cache: tensor parallel engines (tp=%d) cannot use the shared cache yet; "
                       "it is off for %s", self.tp_size, self.engine)
             return None
+        if layout.device != "cpu":  # the copier reads KV through host pointers
+            log.error("pdfabric cache: the shared cache is off for %s: its KV is on %s", self.engine, layout.device)
+            return None
         copier = ChunkCopier(layout, cs.chunk_tokens)
         if cs.server is not None:
             client: Any = RemoteCacheClient(cs.server, copier.chunk_bytes, name=f"{self.engine}/worker",

@@ -200,3 +200,21 @@ def test_register_memory_registers_the_pool_or_the_kv() -> None:
             assert sorted(t._mem.regions(), key=key) == sorted(merge_regions(want), key=key)
         finally:
             t.close()
+
+
+def test_the_shared_cache_is_off_for_a_gpu_kv_cache(caplog: pytest.LogCaptureFixture) -> None:
+    """The cache copies KV through host pointers: on a GPU it must stay off (not crash)."""
+    from pdfabric.connector.settings import resolve_settings
+    from pdfabric.connector.worker import FabricWorker
+
+    s = resolve_settings({"cache": {"tiers": [{"kind": "memory", "size": "4MiB"}], "chunk_tokens": 4}},
+                         needs_control_port=False)
+    w = FabricWorker(s, engine="decode-0", model="m", producer=False, consumer=True, block_size=4)
+    host = KVLayout.from_kv_caches(kv("cpu", 6), block_size=4)
+    on_gpu = KVLayout.from_geometry(host.geometry, list(host.layer_addrs), device="cuda:0")
+    with caplog.at_level("ERROR", logger="pdfabric.connector"):
+        assert w._open_cache(on_gpu) is None
+    assert "shared cache is off for decode-0: its KV is on cuda:0" in caplog.text
+    mover = w._open_cache(host)  # host KV: the cache opens
+    assert mover is not None
+    mover.close()

@@ -87,3 +87,18 @@ def test_cli_help_lists_subcommands() -> None:
         assert cmd in r.stdout
     r = _run(timeout=60)
     assert r.returncode == 2 and "usage" in r.stdout
+
+
+def test_staging_overhead_benchmark_runs_both_paths(tmp_path: Path) -> None:
+    out = tmp_path / "staging.json"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "staging_overhead.py"
+    r = subprocess.run([sys.executable, str(script), "--geometry", "tiny", "--blocks", "3,20", "--rounds", "3",
+                        "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [x["blocks"] for x in rows] == [3, 20]
+    for x in rows:
+        assert x["direct_s"] > 0 and x["staged_s"] > 0 and abs(x["ratio"] - x["staged_s"] / x["direct_s"]) < 1e-9
+        assert x["bytes"] == x["blocks"] * 4 * 2 * 32 * 128 * 2  # tiny: 4 layers, 2 heads, 32 tokens, 2x64 dims, bf16
+    bad = subprocess.run([sys.executable, str(script), "--blocks", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--blocks value in 1..512" in bad.stderr and "Traceback" not in bad.stderr

@@ -209,3 +209,25 @@ def test_external_stream_falls_back_without_the_deprecation_warning(from_externa
         warnings.simplefilter("error")
         external_stream(fake, 0x10)
     assert fake.made == [("ExternalStream", 0x10)]
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 4, 8])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_staging_at_any_byte_offset_round_trips(layout: str, offset: int) -> None:
+    """The torch backend copies in wide elements when sizes and addresses allow, bytes
+    otherwise: a staging buffer that starts at any byte of a larger one gives the same bytes."""
+    layers = make_layers(layout, torch.bfloat16)
+    ids = random_ids(5)[:-3]  # no repeats: the scatter must be exact
+    nbytes = staging_nbytes(layers, len(ids))
+    backing = torch.zeros(nbytes + 16, dtype=torch.uint8)
+    out = backing[offset: offset + nbytes]
+    gather_blocks(layers, ids, out=out)
+    want = reference_gather(layers, ids, LAYOUTS[layout][1]).view(torch.uint8)
+    assert torch.equal(out, want)
+    assert not backing[:offset].any() and not backing[offset + nbytes:].any()  # nothing outside
+    fresh = [torch.zeros_like(t) for t in layers]
+    scatter_blocks(fresh, ids, out)
+    bd = LAYOUTS[layout][1]
+    index = (slice(None),) * bd + (torch.tensor(ids),)
+    for a, b in zip(fresh, layers):
+        assert torch.equal(a[index], b[index])

@@ -1,0 +1,107 @@
+"""What host staging costs: one request's KV moved layer by layer over ``tcp``, with the
+connector's staging (gather into a host slot, one write per layer, scatter on arrival) and
+without it (one write per layer straight between the KV blocks), in the same run.
+
+    python benchmarks/staging_overhead.py --geometry 8b --blocks 8,47,256 --rounds 15
+
+Both transports live in this process (two ``TcpTransport``s over 127.0.0.1), so sender and
+receiver share one interpreter: the figures compare the two paths, they are not the
+transport's best. Block ids are scattered at random on both sides. ``ratio`` is staged
+time / direct time (median of ``--rounds``); above 1 is the price of staging host KV
+(``staging: always``), which a GPU KV cache pays in exchange for crossing a host-memory
+transport at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pdfabric.connector.links import ConsumerLink
+from pdfabric.connector.staging import register_memory, slot_layout
+from pdfabric.layout import KVLayout
+from pdfabric.transports.tcp import TcpTransport
+
+GEOMETRIES = {"tiny": ((2, 32, 128), 4), "8b": ((8, 16, 256), 8)}  # cpu layout (heads, block, 2*dim), layers
+NUM_BLOCKS = 512
+
+
+def one_request(s: TcpTransport, r: TcpTransport, sides: tuple, link: ConsumerLink, ids: tuple, k: int) -> float:
+    (pl, ps), (cl, cs) = sides
+    sids, dids = ids
+    n = len(sids)
+    t0 = time.perf_counter()
+    slot = staging = 0
+    if cs is not None:
+        slot = cs.reserve(n)
+        staging = cs.pool.base + slot
+    for layer in range(pl.geometry.num_layers):
+        tid = f"{k}#{layer}"
+        where, gids = (slot_layout(cl, staging, n), list(range(n))) if cs else (cl, dids)
+        r.grant(tid, where.region_array(gids, [layer]))
+        here, src, off = pl, sids, None
+        if ps is not None:
+            off, here = ps.stage(sids, layer)
+            src = list(range(n))
+        s.wait(s.write(link.peer_id, link.plan(tid, here, src, dids, layer, staging)), 30)
+        r.wait_recv(tid, 30)
+        if ps is not None:
+            ps.release(off)
+        if cs is not None:
+            cs.land(slot, dids, layer)
+    if cs is not None:
+        cs.release(slot)
+    return time.perf_counter() - t0
+
+
+def measure(geometry: str, mode: str, n: int, rounds: int) -> float:
+    inner, layers = GEOMETRIES[geometry]
+    shape = (NUM_BLOCKS, *inner)
+    s, r = TcpTransport(), TcpTransport()
+    try:
+        src = {f"l{i}": torch.randn(shape).to(torch.bfloat16) for i in range(layers)}
+        dst = {f"l{i}": torch.zeros(shape, dtype=torch.bfloat16) for i in range(layers)}
+        pl, cl = KVLayout.from_kv_caches(src, block_size=inner[1]), KVLayout.from_kv_caches(dst, block_size=inner[1])
+        sides = ((pl, register_memory(s, pl, src, mode, 1 << 30)), (cl, register_memory(r, cl, dst, mode, 1 << 30)))
+        link = ConsumerLink("bench", cl, s.connect(r.descriptor()))
+        rng = random.Random(n)
+        times = [one_request(s, r, sides, link, (rng.sample(range(NUM_BLOCKS), n), rng.sample(range(NUM_BLOCKS), n)), k)
+                 for k in range(rounds + 2)]
+        return statistics.median(times[2:])  # two warm-up rounds
+    finally:
+        s.close()
+        r.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="8b")
+    ap.add_argument("--blocks", default="8,47,256", help="blocks per request, comma separated (<= 512)")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--json", type=Path, metavar="FILE")
+    args = ap.parse_args()
+    counts = [int(x) for x in args.blocks.split(",")]
+    if args.rounds < 3 or any(not 1 <= c <= NUM_BLOCKS for c in counts):
+        ap.error(f"--rounds must be >= 3 and every --blocks value in 1..{NUM_BLOCKS}")
+    inner, layers = GEOMETRIES[args.geometry]
+    rows = []
+    print(f"{'blocks':>6} {'bytes':>10} {'direct ms':>10} {'staged ms':>10} {'ratio':>6}")
+    for n in counts:
+        direct, staged = measure(args.geometry, "auto", n, args.rounds), measure(args.geometry, "always", n, args.rounds)
+        nbytes = n * layers * 2 * inner[0] * inner[1] * inner[2]
+        rows.append({"blocks": n, "bytes": nbytes, "direct_s": direct, "staged_s": staged, "ratio": staged / direct})
+        print(f"{n:>6} {nbytes:>10} {direct * 1e3:>10.2f} {staged * 1e3:>10.2f} {staged / direct:>6.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"geometry": args.geometry, "results": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

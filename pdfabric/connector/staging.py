@@ -21,8 +21,9 @@ as a ``KVLayout`` with ``num_blocks = len(ids)``, so the producer pairs its sour
 the consumer's destination through ``pair_columns`` whether either side stages or not.
 
 Each side decides for itself (``staging`` setting): ``auto`` stages exactly when the KV
-lives on a device the transport cannot reach; ``always`` stages host KV too (one region
-per layer on the wire instead of one per block run); ``never`` refuses to start when the
+lives on a device the transport cannot reach; ``always`` stages host KV too (two extra copies:
+1.4-2.3x the time of a direct transfer on CPU, ``benchmarks/staging_overhead.py``; it runs
+the GPU path's logic on CPU engines); ``never`` refuses to start when the
 transport cannot reach the KV. The pool is one buffer of ``staging_bytes`` (page-locked
 when the KV is on a GPU), registered with the transport once; a transfer that does not
 fit fails at once (the decode engine recomputes the prompt) and is counted.
@@ -35,6 +36,7 @@ import dataclasses
 import threading
 from typing import Any, Literal, Mapping, Sequence
 
+from pdfabric.connector.settings import SOURCE
 from pdfabric.errors import ConfigError
 from pdfabric.layout import KVLayout
 from pdfabric.memory import Region
@@ -56,7 +58,7 @@ def staging_needed(mode: StagingMode, device: str, transport: Any) -> bool:
             f"the KV cache is on {device} and the {transport.name} transport moves host memory only; "
             "set staging to 'auto' (stage through host memory) or use a transport that reaches device "
             "memory (nixl, cuda_ipc)",
-            path="staging", source="kv_connector_extra_config",
+            path="staging", source=SOURCE,
         )
     return mode == "always" or not reachable
 
@@ -78,7 +80,7 @@ def slot_layout(layout: KVLayout, addr: int, num_ids: int) -> KVLayout:
     """A consumer's slot at ``addr`` holding ``num_ids`` blocks of every layer (any side
     can build it from the consumer's layout)."""
     g = layout.geometry
-    per = num_ids * g.segment_bytes * g.segments_per_block
+    per = num_ids * g.block_bytes_per_layer
     return staged_layout(layout, [addr + i * per for i in range(g.num_layers)], num_ids)
 
 
@@ -145,8 +147,7 @@ class Stager:
         self.pool = StagingPool(pool_bytes, pinned=self.on_gpu)
         self.block_dim = 1 if layout.geometry.segments_per_block == 2 else 0
         self.engine_thread = threading.current_thread()  # vLLM's worker thread registers the KV
-        g = layout.geometry
-        self.block_bytes = g.segment_bytes * g.segments_per_block  # one block of one layer
+        self.block_bytes = layout.geometry.block_bytes_per_layer
         self.full = 0  # transfers refused for want of room
 
     def _alloc(self, nbytes: int) -> int:

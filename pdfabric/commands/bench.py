@@ -134,7 +134,7 @@ def run_transfer(args: argparse.Namespace) -> int:
     for n in names:
         if n not in TRANSPORTS or n == "loopback":
             err.print(f"error: --transport: {n!r} is not a benchmarkable transport; expected some of "
-                      f"{', '.join(sorted(set(TRANSPORTS) - {'loopback'}))}")  # fmt: skip
+                      f"{', '.join(sorted(set(TRANSPORTS) - {'loopback'}))}", markup=False)  # fmt: skip
             return 2
     why = _cannot_run(names, getattr(args, "device", "cpu"))
     if why:
@@ -161,7 +161,7 @@ def run_transfer(args: argparse.Namespace) -> int:
                                 latency_iters=args.latency_iters, progress=lambda: prog.advance(task),
                                 device=getattr(args, "device", "cpu"), peers=peers)  # fmt: skip
         except FabricError as e:
-            err.print(f"error: {e}")
+            err.print(f"error: {e}", markup=False, soft_wrap=True)
             return 1
     out = Console()
     out.width = max(out.width, 160)  # the table has twelve columns; do not squeeze them

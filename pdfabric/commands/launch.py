@@ -38,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from pdfabric.config import load_topology
     from pdfabric.errors import ConfigError
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         secret = None if topo.secret is not None else os.urandom(16).hex()
         plan = build_plan(topo, Path(args.file).resolve(), model, platform, launch_secret=secret)
     except ConfigError as e:
-        console.print(f"[red]error:[/] {e}", markup=True, highlight=False)
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return 2
     if args.dry_run:
         for spec in plan:
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     problems = preflight(topo, plan, platform)
     for msg in problems:
-        console.print(f"[red]preflight:[/] {msg}", highlight=False)
+        console.print(f"[red]preflight:[/] {escape(msg)}", highlight=False)
     if problems:
         return 2
     key = (topo.shared_secret() or secret or "").encode()
@@ -82,6 +83,8 @@ def _model_dir(topo: Any, dry_run: bool) -> Path:
 
 
 def _run(topo: Any, plan: list[Any], args: argparse.Namespace, key: bytes, console: Any) -> int:
+    from rich.markup import escape
+
     from pdfabric.launch.checks import endpoints_table, post_start_checks
     from pdfabric.launch.runner import LaunchFailed, Runner
 
@@ -100,14 +103,14 @@ def _run(topo: Any, plan: list[Any], args: argparse.Namespace, key: bytes, conso
             while runner.alive() and len(runner.alive()) == len(runner.procs):
                 time.sleep(1.0)
             dead = [p.spec.name for p in runner.procs if p.popen is not None and p.popen.poll() is not None]
-            console.print(f"[red]stopped:[/] {', '.join(dead)} exited; see {args.log_dir}")
+            console.print(f"[red]stopped:[/] {escape(', '.join(dead))} exited; see {escape(str(args.log_dir))}")
             return 1
         return 0
     except LaunchFailed as e:
-        console.print(f"[red]launch failed:[/] {e.name} {e.why}\n--- last lines of its log ---\n{e.tail}", highlight=False)
+        console.print(f"[red]launch failed:[/] {escape(f'{e.name} {e.why}')}\n--- last lines of its log ---\n{escape(e.tail)}", highlight=False)
         return 1
     except RuntimeError as e:
-        console.print(f"[red]check failed:[/] {e}", highlight=False)
+        console.print(f"[red]check failed:[/] {escape(str(e))}", highlight=False)
         return 1
     except KeyboardInterrupt:
         console.print("stopping")

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _print(instances: list[dict[str, Any]], metrics: str, conn: dict[str, dict[str, Any]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title="pdfabric status")
@@ -83,11 +84,11 @@ def _print(instances: list[dict[str, Any]], metrics: str, conn: dict[str, dict[s
         k = c.get("counters", {})
         health = "draining" if i["draining"] else ("up" if i["healthy"] else f"down {i['last_error'][:40]}")
         gbps = c.get("recent_gbps")
-        t.add_row(i["name"], i["role"], i["url"], health, str(i["in_flight"]), str(i["served"]),
+        t.add_row(escape(i["name"]), escape(i["role"]), escape(i["url"]), escape(health), str(i["in_flight"]), str(i["served"]),
                   f"{k.get('received_bytes', 0) / 2**20:.1f} MiB" if k else "-",
                   "-" if gbps is None else f"{gbps:.2f}", str(k.get("recomputes", "-")), str(k.get("held_requests", "-")))
     console = Console()
     console.print(t)
     lines = [ln for ln in metrics.splitlines() if ln.startswith(("pdfabric_proxy_requests_total", "pdfabric_proxy_decode_alone",
                                                                    "pdfabric_proxy_prefill_failures", "pdfabric_proxy_errors"))]
-    console.print("\n".join(lines), highlight=False)
+    console.print("\n".join(lines), highlight=False, markup=False)

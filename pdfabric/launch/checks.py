@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pdfabric.config.models import Topology
@@ -50,17 +51,17 @@ def post_start_checks(topo: Topology, key: bytes, console: Console, probe_tokens
                 raise RuntimeError(f"link {p.name} -> {d.name}: the probe transfer did not land (see the engine logs)")
             _, nbytes, secs = pushed
             kind = topo.transport_for(p.name, d.name).kind
-            console.print(f"link {p.name} -> {d.name} ({kind}): {nbytes / 2**20:.1f} MiB pushed in "
+            console.print(f"link {escape(p.name)} -> {escape(d.name)} ({kind}): {nbytes / 2**20:.1f} MiB pushed in "
                           f"{secs * 1000:.1f} ms = {nbytes / max(secs, 1e-9) / 1e9:.2f} GB/s", highlight=False)
 
 
 def endpoints_table(topo: Topology, log_dir: Path) -> Table:
-    t = Table(title=f"{topo.name}: endpoints")
+    t = Table(title=f"{escape(topo.name)}: endpoints")
     for col in ("name", "role", "OpenAI endpoint", "control", "log"):
         t.add_column(col)
     px = topo.proxy
-    t.add_row("proxy", "router", f"http://{px.host}:{px.port}/v1", "-", str(log_dir / "proxy.log"))
+    t.add_row("proxy", "router", escape(f"http://{px.host}:{px.port}/v1"), "-", escape(str(log_dir / "proxy.log")))
     for i in topo.instances:
         ctl = f"{i.host}:{i.control_port}" if i.control_port else "-"
-        t.add_row(i.name, i.role, f"http://{i.host}:{i.port}/v1", ctl, str(log_dir / f"{i.name}.log"))
+        t.add_row(*(escape(x) for x in (i.name, i.role, f"http://{i.host}:{i.port}/v1", ctl, str(log_dir / f"{i.name}.log"))))
     return t

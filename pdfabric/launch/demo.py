@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pdfabric.config.models import Topology
@@ -130,7 +131,7 @@ def _table(rows: list[DemoRow]) -> Table:
     for r in rows:
         gbps = "-" if not r.push_s or not r.push_bytes else f"{r.push_bytes / r.push_s / 1e9:.2f}"
         first = None if r.kv_wait_s is None else max(0.0, r.ttft_s - r.kv_wait_s)
-        cells = [r.question, r.answer[:60], _ms(r.ttft_s), _ms(r.kv_wait_s), _ms(r.push_s), gbps, _ms(first), _ms(r.total_s)]
+        cells = [escape(r.question), escape(r.answer[:60]), _ms(r.ttft_s), _ms(r.kv_wait_s), _ms(r.push_s), gbps, _ms(first), _ms(r.total_s)]
         t.add_row(*cells, *([str(r.cached_tokens if r.cached_tokens is not None else "-")] if cache else []))
     if cache:
         t.caption = ("cached tokens: leading prompt tokens the shared cache holds; a question whose rest is short "

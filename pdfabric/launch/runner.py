@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.live import Live
 from rich.table import Table
 
@@ -115,7 +116,8 @@ class Runner:
         for p in self.procs:
             took = p.ready_after if p.ready_after is not None else (now - p.started if p.popen else 0.0)
             url = p.spec.ready_url.rsplit("/", 1)[0]
-            t.add_row(p.spec.name, f"[{colors.get(p.state, 'white')}]{p.state}[/]", f"{took:5.1f}s", url, str(p.log_path))
+            t.add_row(escape(p.spec.name), f"[{colors.get(p.state, 'white')}]{p.state}[/]", f"{took:5.1f}s", escape(url),
+                      escape(str(p.log_path)))
         return t
 
     def alive(self) -> list[Proc]:

@@ -160,12 +160,15 @@ def test_cuda_ipc_on_cpu_is_refused(tmp_path: Path) -> None:
 def test_engine_that_fails_to_start_stops_the_launch(tmp_path: Path) -> None:
     topo = write_topology(tmp_path / "t.yaml")
     data = yaml.safe_load(topo.read_text())
-    data["instances"][1]["engine_args"] = {"no-such-vllm-flag": 1}
+    # the engine's complaint about the bad value echoes it: text like a log's "[core.py:1]" or
+    # a stray closing tag must reach the user verbatim, not be eaten as markup or crash the report
+    data["instances"][1]["engine_args"] = {"max-num-seqs": "[core.py:1][/x]"}
     topo.write_text(yaml.safe_dump(data))
     logs = tmp_path / "logs"
     r = launch(str(topo), "--log-dir", str(logs), timeout=500)
     assert r.returncode == 1
-    assert "launch failed: decode-0 exited" in r.stderr and "no-such-vllm-flag" in r.stderr
+    assert "launch failed: decode-0 exited" in r.stderr and "max-num-seqs" in r.stderr
+    assert "'[core.py:1][/x]'" in r.stderr and "Traceback" not in r.stderr
     assert_all_gone(logs)
 
 

@@ -315,7 +315,8 @@ def _message(err: ErrorDetails, tp: Any, meta: list[Any], root: Any = None) -> s
     if kind in ("value_error", "assertion_error") and "error" in ctx:
         return str(ctx["error"])
     if kind in _NUMBER_ERRORS:
-        quoted = isinstance(value, str) and _numeric(value)
+        # a quoted number is the problem only when the type was refused, not the range
+        quoted = kind.endswith(("_type", "_parsing")) and isinstance(value, str) and _numeric(value)
         hint = " (a string: remove the quotes)" if quoted else ""
         return f"expected {_expected_number(tp, meta, kind)}, got {got}{hint}"
     if kind == "string_type":

@@ -167,7 +167,7 @@ def test_out_of_range_port() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        ("port: 8200", "port: '8200'", "instances[1].port: expected an integer 1-65535, got '8200'"),
+        ("port: 8200", "port: '8200'", "instances[1].port: expected an integer 1-65535, got '8200' (a string: remove the quotes)"),
         ("streams: 4", "streams: yes", "transport.streams: expected an integer 1-64, got true"),
         ("role: decode", "role: 3", "instances[1].role: expected one of 'prefill', 'decode' or 'both', got 3"),
         ("devices: [1]", "devices: 1", "instances[1].devices: expected a list, got 1"),
@@ -180,6 +180,14 @@ def test_out_of_range_port() -> None:
 def test_wrong_types_and_values(old: str, new: str, expected: str) -> None:
     assert old in GOOD
     assert expected in config_error(GOOD.replace(old, new))
+
+
+def test_a_quoted_size_out_of_range_is_not_told_to_drop_the_quotes() -> None:
+    from pdfabric.connector.settings import parse_settings
+
+    with pytest.raises(ConfigError) as e:
+        parse_settings({"staging_bytes": "0"})
+    assert str(e.value).endswith("staging_bytes: expected a size > 0, got '0'")  # "0" is a valid size form
 
 
 def test_duplicate_ports_name_both_places() -> None:

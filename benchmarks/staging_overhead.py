@@ -25,39 +25,18 @@ from pathlib import Path
 import torch
 
 from pdfabric.connector.links import ConsumerLink
-from pdfabric.connector.staging import register_memory, slot_layout
+from pdfabric.connector.staging import register_memory
 from pdfabric.layout import KVLayout
+from pdfabric.testing.staging import Side, move_request
 from pdfabric.transports.tcp import TcpTransport
 
 GEOMETRIES = {"tiny": ((2, 32, 128), 4), "8b": ((8, 16, 256), 8)}  # cpu layout (heads, block, 2*dim), layers
 NUM_BLOCKS = 512
 
 
-def one_request(s: TcpTransport, r: TcpTransport, sides: tuple, link: ConsumerLink, ids: tuple, k: int) -> float:
-    (pl, ps), (cl, cs) = sides
-    sids, dids = ids
-    n = len(sids)
+def one_request(s: TcpTransport, r: TcpTransport, sides: tuple[Side, Side], link: ConsumerLink, ids: tuple, k: int) -> float:
     t0 = time.perf_counter()
-    slot = staging = 0
-    if cs is not None:
-        slot = cs.reserve(n)
-        staging = cs.pool.base + slot
-    for layer in range(pl.geometry.num_layers):
-        tid = f"{k}#{layer}"
-        where, gids = (slot_layout(cl, staging, n), list(range(n))) if cs else (cl, dids)
-        r.grant(tid, where.region_array(gids, [layer]))
-        here, src, off = pl, sids, None
-        if ps is not None:
-            off, here = ps.stage(sids, layer)
-            src = list(range(n))
-        s.wait(s.write(link.peer_id, link.plan(tid, here, src, dids, layer, staging)), 30)
-        r.wait_recv(tid, 30)
-        if ps is not None:
-            ps.release(off)
-        if cs is not None:
-            cs.land(slot, dids, layer)
-    if cs is not None:
-        cs.release(slot)
+    move_request(s, r, link, sides[0], sides[1], ids, prefix=str(k))
     return time.perf_counter() - t0
 
 
@@ -69,7 +48,7 @@ def measure(geometry: str, mode: str, n: int, rounds: int) -> float:
         src = {f"l{i}": torch.randn(shape).to(torch.bfloat16) for i in range(layers)}
         dst = {f"l{i}": torch.zeros(shape, dtype=torch.bfloat16) for i in range(layers)}
         pl, cl = KVLayout.from_kv_caches(src, block_size=inner[1]), KVLayout.from_kv_caches(dst, block_size=inner[1])
-        sides = ((pl, register_memory(s, pl, src, mode, 1 << 30)), (cl, register_memory(r, cl, dst, mode, 1 << 30)))
+        sides = (Side(pl, register_memory(s, pl, src, mode, 1 << 30)), Side(cl, register_memory(r, cl, dst, mode, 1 << 30)))
         link = ConsumerLink("bench", cl, s.connect(r.descriptor()))
         rng = random.Random(n)
         times = [one_request(s, r, sides, link, (rng.sample(range(NUM_BLOCKS), n), rng.sample(range(NUM_BLOCKS), n)), k)

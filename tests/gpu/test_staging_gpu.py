@@ -5,7 +5,6 @@ receiver's GPU blocks; the result is checked against tensor indexing."""
 
 from __future__ import annotations
 
-import threading
 from typing import Iterator
 
 import pytest
@@ -18,9 +17,10 @@ pytestmark = [
 ]
 
 from pdfabric.connector.links import ConsumerLink
-from pdfabric.connector.staging import register_memory, slot_layout
+from pdfabric.connector.staging import register_memory
 from pdfabric.layout import KVLayout
-from pdfabric.transports.tcp import TcpTransport
+from pdfabric.testing.staging import Side, move_request, tcp_pair
+from pdfabric.transports.base import Transport
 
 NB, LAYERS = 64, 4
 SHAPES = {"flash_nhd": (2, NB, 16, 8, 128), "flash_hnd": (2, NB, 8, 16, 128), "mla": (NB, 16, 576)}
@@ -37,18 +37,14 @@ def blocks(t: torch.Tensor, ids: list[int], kind: str) -> torch.Tensor:
 
 
 @pytest.fixture
-def pair() -> Iterator[tuple[TcpTransport, TcpTransport]]:
-    a, b = TcpTransport(streams=2), TcpTransport(streams=2)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
+def pair() -> Iterator[tuple[Transport, Transport]]:
+    with tcp_pair(streams=2) as p:
+        yield p
 
 
 @pytest.mark.parametrize("from_control_thread", [False, True])
 @pytest.mark.parametrize("kind", SHAPES)
-def test_gpu_kv_crosses_tcp_through_staging(pair: tuple[TcpTransport, TcpTransport], kind: str,
+def test_gpu_kv_crosses_tcp_through_staging(pair: tuple[Transport, Transport], kind: str,
                                             from_control_thread: bool) -> None:
     sender, receiver = pair
     src_kv, dst_kv = kv(kind, 1), kv(kind, 2)
@@ -61,27 +57,9 @@ def test_gpu_kv_crosses_tcp_through_staging(pair: tuple[TcpTransport, TcpTranspo
     assert p_st is not None and c_st is not None and c_st.pool.tensor.is_pinned()
     link = ConsumerLink("decode", c_layout, sender.connect(receiver.descriptor()))
     src_ids, dst_ids = [5, 6, 7, 40, 2, 63, 0], [9, 10, 11, 3, 62, 1, 30]
-    slot = c_st.reserve(len(dst_ids))
-    staging = c_st.pool.base + slot
-    where = slot_layout(c_layout, staging, len(dst_ids))
-    for layer in range(LAYERS):
-        tid = f"g#{layer}"
-        receiver.grant(tid, where.region_array(list(range(len(dst_ids))), [layer]))
-        staged: list = []
-        stage = lambda: staged.append(p_st.stage(src_ids, layer))  # noqa: E731
-        if from_control_thread:  # the grant came after the layer was saved: another thread
-            th = threading.Thread(target=stage)
-            th.start()
-            th.join(30)
-        else:
-            stage()
-        off, here = staged[0]
-        plan = link.plan(tid, here, list(range(len(src_ids))), dst_ids, layer, staging)
-        sender.wait(sender.write(link.peer_id, plan), 30)
-        receiver.wait_recv(tid, 30)
-        p_st.release(off)
-        c_st.land(slot, dst_ids, layer)
-    c_st.release(slot)
+    # from_control_thread: the grant came after the layer was saved, so another thread gathers
+    move_request(sender, receiver, link, Side(p_layout, p_st), Side(c_layout, c_st), (src_ids, dst_ids),
+                 prefix="g", stage_on_thread=from_control_thread)
     assert c_st.pool.in_use == 0 and p_st.pool.in_use == 0
     others = [i for i in range(NB) if i not in dst_ids]
     for name in src_kv:

@@ -13,7 +13,9 @@ from pdfabric.connector.links import ConsumerLink
 from pdfabric.connector.staging import StagingFull, StagingPool, Stager, register_memory, slot_layout, staging_needed
 from pdfabric.errors import ConfigError
 from pdfabric.layout import KVLayout
+from pdfabric.testing.staging import Side, move_request, tcp_pair
 from pdfabric.transports._state import merge_regions
+from pdfabric.transports.base import Transport
 from pdfabric.transports.tcp import TcpTransport
 
 torch = pytest.importorskip("torch")
@@ -99,18 +101,14 @@ def test_never_with_unreachable_kv_is_a_config_error() -> None:
 
 # -- whole transfers ----------------------------------------------------------------------
 @pytest.fixture
-def pair() -> Iterator[tuple[TcpTransport, TcpTransport]]:
-    a, b = TcpTransport(streams=1), TcpTransport(streams=1)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
+def pair() -> Iterator[tuple[Transport, Transport]]:
+    with tcp_pair() as p:
+        yield p
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("p_stages,c_stages", [(True, True), (True, False), (False, True)])
-def test_layer_transfers_land_in_the_granted_blocks(pair: tuple[TcpTransport, TcpTransport], kind: str,
+def test_layer_transfers_land_in_the_granted_blocks(pair: tuple[Transport, Transport], kind: str,
                                                      p_stages: bool, c_stages: bool) -> None:
     sender, receiver = pair
     block_dim = KINDS[kind][1]
@@ -124,31 +122,9 @@ def test_layer_transfers_land_in_the_granted_blocks(pair: tuple[TcpTransport, Tc
     receiver.register([c_st.pool.region()] if c_st else c_layout.registration_regions())
     link = ConsumerLink("decode", c_layout, sender.connect(receiver.descriptor()))
     src_ids, dst_ids = [7, 2, 3, 4, 0], [1, 2, 3, 9, 5]  # runs and jumps on both sides
-    slot = staging = 0
-    if c_st is not None:
-        slot = c_st.reserve(len(dst_ids))
-        staging = c_st.pool.base + slot
-    for layer in range(LAYERS):
-        tid = f"t#{layer}"
-        where, ids = (slot_layout(c_layout, staging, len(dst_ids)), list(range(5))) if c_st else (c_layout, dst_ids)
-        receiver.grant(tid, where.region_array(ids, [layer]))
-        here, s_ids, off = p_layout, src_ids, None
-        if p_st is not None:
-            off, here = p_st.stage(src_ids, layer)
-            s_ids = list(range(len(src_ids)))
-        plan = link.plan(tid, here, s_ids, dst_ids, layer, staging)
-        assert len(plan.columns) <= (2 if p_st and c_st else 10)  # staged: one run per K/V plane
-        sender.wait(sender.write(link.peer_id, plan), 10)
-        receiver.wait_recv(tid, 10)
-        if p_st is not None:
-            p_st.release(off)
-        if c_st is not None:
-            c_st.land(slot, dst_ids, layer)
-    if c_st is not None:
-        c_st.release(slot)
-        assert c_st.pool.in_use == 0
-    if p_st is not None:
-        assert p_st.pool.in_use == 0
+    move_request(sender, receiver, link, Side(p_layout, p_st), Side(c_layout, c_st), (src_ids, dst_ids),
+                 prefix="t", timeout=10, max_pieces=2 if p_st and c_st else 10)  # staged: one run per K/V plane
+    assert (c_st is None or c_st.pool.in_use == 0) and (p_st is None or p_st.pool.in_use == 0)
     for name in src_kv:
         got, want = dst_kv[name], src_kv[name]
         assert torch.equal(blocks(got, dst_ids, block_dim), blocks(want, src_ids, block_dim)), name

@@ -21,17 +21,15 @@ from collections import Counter, deque
 from typing import Any, Callable
 
 import msgspec
-import numpy as np
 
 from pdfabric.connector.control import ControlEndpoint
+from pdfabric.connector.faults import late_write, scramble
 from pdfabric.connector.kvcache import CacheLoad, CacheMover, CacheStore, ChunkCopier
 from pdfabric.connector.links import ConsumerLinks, ProducerLinks
 from pdfabric.connector.params import StepMeta
 from pdfabric.connector.settings import Resolved
 from pdfabric.connector.staging import Stager, register_memory
-from pdfabric.errors import TransportError
 from pdfabric.layout import KVLayout
-from pdfabric.memory import view_of
 from pdfabric.protocol import consumer as C
 from pdfabric.protocol import producer as P
 from pdfabric.protocol.auth import Authenticator
@@ -51,7 +49,7 @@ from pdfabric.protocol.messages import (
     sub_transfer_id,
 )
 from pdfabric.transports.base import Status as XStatus
-from pdfabric.transports.base import TransferHandle, TransferPlan, Transport
+from pdfabric.transports.base import TransferHandle, Transport
 from pdfabric.transports.registry import create_from_config
 
 __all__ = ["FabricWorker"]
@@ -372,7 +370,9 @@ class FabricWorker:
                 if len(r.landed) == self.ctable.num_layers - 1 and self.settings.faults.hit(
                     self.settings.faults.corrupt_prefix, tid
                 ):
-                    self._corrupt(tid, self._granted_blocks.get(tid, []))
+                    assert self.layout is not None
+                    scramble(self.layout, self._granted_blocks.get(tid, []), tid)
+                    self.counters["fault_corrupted_transfers"] += 1
                 self._do(self.ctable.layer_landed(tid, layer, res.nbytes))
 
     # -- actions (lock held) -------------------------------------------------------------
@@ -452,10 +452,11 @@ class FabricWorker:
                     raise ConnectionError("no handshake with this consumer")
                 here, ids = self._source(tid, layer, src)
                 plan = link.plan(sub_transfer_id(tid, layer), here, ids, g.blocks, layer, g.staging)
-                if faults.hit(faults.delay_prefix, tid):
-                    self._pushes[(tid, layer)] = self._late_write(link.peer_id, plan, tid, layer)
-                    continue
                 notify = encode(Done(tid, layer, plan.nbytes))
+                if faults.hit(faults.delay_prefix, tid):
+                    self._pushes[(tid, layer)] = late_write(self.transport, link.peer_id, plan, notify,
+                                                            faults.delay_s, self._timers)
+                    continue
                 self._pushes[(tid, layer)] = self.transport.write(link.peer_id, plan, notify)
             except Exception as e:
                 self._unstage(self._staged, (tid, layer))
@@ -474,39 +475,6 @@ class FabricWorker:
         slot = slots.pop(key, None)
         if slot is not None and self.stager is not None:
             self.stager.release(slot)
-
-    def _late_write(self, peer_id: Any, plan: TransferPlan, tid: str, layer: int) -> TransferHandle:
-        """Fault injection: the write leaves ``delay_s`` late; the handle tracks it."""
-        assert self.transport is not None
-        proxy = TransferHandle(plan.transfer_id, peer_id, plan.nbytes, self.transport.name)
-        transport = self.transport
-
-        def later() -> None:
-            try:
-                h = transport.write(peer_id, plan, encode(Done(tid, layer, plan.nbytes)))
-                h.wait(transport.transfer_timeout_s)
-                proxy.resolve(XStatus.DONE)
-            except Exception as e:
-                proxy.resolve(XStatus.FAILED, e if isinstance(e, TransportError) else TransportError(str(e)))
-
-        timer = threading.Timer(self.settings.faults.delay_s, later)
-        timer.daemon = True
-        timer.start()
-        self._timers.append(timer)
-        return proxy
-
-    def _corrupt(self, tid: str, blocks: list[int]) -> None:
-        """Fault injection (canary tests): scramble every received KV element of ``tid``.
-
-        Elements are moved, never invented: random bytes would include NaN patterns that
-        poison attention long after these blocks are freed and reused."""
-        assert self.layout is not None
-        width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[self.layout.geometry.element_size]
-        rng = np.random.default_rng(abs(hash(tid)) % 2**32)
-        for region in self.layout.regions(blocks):
-            elems = np.frombuffer(view_of(region), dtype=width)
-            elems[:] = rng.permutation(elems)
-        self.counters["fault_corrupted_transfers"] += 1
 
     # -- control thread ------------------------------------------------------------------
     def _on_message(self, peer: str, msg: Message) -> list[Message]:

@@ -102,3 +102,18 @@ def test_staging_overhead_benchmark_runs_both_paths(tmp_path: Path) -> None:
         assert x["bytes"] == x["blocks"] * 4 * 2 * 32 * 128 * 2  # tiny: 4 layers, 2 heads, 32 tokens, 2x64 dims, bf16
     bad = subprocess.run([sys.executable, str(script), "--blocks", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--blocks value in 1..512" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_latency_floor_benchmark_measures_both_designs(tmp_path: Path) -> None:
+    out = tmp_path / "floor.json"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "latency_floor.py"
+    r = subprocess.run([sys.executable, str(script), "--iters", "200", "--rounds", "3", "--json", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert len(doc["rounds"]["raw"]) == len(doc["rounds"]["handoff"]) == 3
+    assert 0 < doc["raw_half_rtt_us"] and 0 < doc["raw_one_way_us"] and 0 < doc["handoff_one_way_us"]
+    assert abs(doc["handoff_ratio"] - doc["handoff_one_way_us"] / doc["raw_half_rtt_us"]) < 1e-9
+    assert "handoff one-way" in r.stdout and "raw half round trip" in r.stdout
+    bad = subprocess.run([sys.executable, str(script), "--rounds", "2"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--rounds must be >= 3" in bad.stderr and "Traceback" not in bad.stderr

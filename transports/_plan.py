@@ -16,6 +16,8 @@ def coalesce_plan(plan: TransferPlan) -> np.ndarray:
     """(src, dst) pairs -> (n, 3) uint64 pieces [src, dst, len], merging pairs that are
     contiguous on both sides and dropping empty ones."""
     a = plan.columns
+    if len(a) == 1:  # the common small transfer: no numpy calls beyond the copy
+        return a.copy() if plan.nbytes else a[:0].copy()
     if not a[:, 2].all():
         a = a[a[:, 2] != 0]
     if len(a) < 2:
@@ -40,11 +42,13 @@ def check_no_overlap(pieces: np.ndarray, tid: str) -> None:
         raise ValueError(f"plan {tid}: destination bytes at {int(d[bad[0] + 1, 1]):#x} are written twice")
 
 
-def split_streams(pieces: np.ndarray, k: int, min_bytes: int) -> list[np.ndarray]:
+def split_streams(pieces: np.ndarray, k: int, min_bytes: int, total: int | None = None) -> list[np.ndarray]:
     """Cut pieces into at most ``k`` parts of about equal bytes, splitting a piece that
     straddles a boundary. ``k`` is lowered so that parts average at least ``min_bytes``
-    (the last part may be smaller than the others). Order and every byte are kept."""
-    total = int(pieces[:, 2].sum()) if len(pieces) else 0
+    (the last part may be smaller than the others). Order and every byte are kept.
+    ``total``: the pieces' byte count when the caller knows it."""
+    if total is None:
+        total = int(pieces[:, 2].sum()) if len(pieces) else 0
     k = max(1, min(k, total // max(1, min_bytes)))
     if k == 1:
         return [pieces]

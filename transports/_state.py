@@ -43,7 +43,7 @@ from pdfabric.errors import (
 )
 from pdfabric.memory import Region, merge_columns, region_columns, view_of
 
-from .base import Rejection, RecvResult, Status, TransferId
+from .base import Latch, Rejection, RecvResult, Status, TransferId
 
 __all__ = ["MemoryTable", "GrantTable", "GrantReceiver", "merge_regions", "first_outside"]
 
@@ -170,7 +170,7 @@ class _Grant:
     error: TransportError | None = None
     active: int = 0
     writers: set[Hashable] = field(default_factory=set)
-    event: threading.Event = field(default_factory=threading.Event)
+    event: Latch = field(default_factory=Latch)
 
     def first_outside(self, segs: np.ndarray) -> int:
         return first_outside(self.starts, self.ends, segs[:, 0], segs[:, 1])

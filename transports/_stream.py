@@ -355,16 +355,17 @@ class StreamTransport(GrantReceiver, Transport):
         pieces = coalesce_plan(plan)
         self._mem.check(pieces[:, 0], pieces[:, 2])  # RegistrationError for unregistered sources
         check_no_overlap(pieces, plan.transfer_id)
-        parts = split_streams(pieces, self.streams, self.min_stream_bytes)
+        total = plan.nbytes
+        parts = split_streams(pieces, self.streams, self.min_stream_bytes, total)
         streams = self._ensure_streams(link, len(parts), self.connect_timeout_s)
         tid = plan.transfer_id
-        handle = TransferHandle(tid, peer, plan.nbytes, self.name)
+        handle = TransferHandle(tid, peer, total, self.name)
         with link.lock:
             if tid in link.pending:
                 raise ValueError(f"transfer {tid} to this peer is already in flight")
             link.pending[tid] = _Pending(handle, len(parts))
         for stream, part in zip(streams, parts):
-            job = (tid, part, len(parts), plan.nbytes, notify)
+            job = (tid, part, len(parts), total, notify)
             # Small parts go out on the caller's thread when the stream is idle: it saves a
             # thread hand-off (~50-100 us) and a small sendmsg does not block.
             # Inline only when nothing is in flight on the stream (its socket buffer is then
@@ -373,7 +374,7 @@ class StreamTransport(GrantReceiver, Transport):
             stream.inflight.add(tid)
             if (
                 idle
-                and int(part[:, 2].sum()) <= self.inline_bytes
+                and (total if len(parts) == 1 else int(part[:, 2].sum())) <= self.inline_bytes
                 and stream.jobs.empty()
                 and stream.send_lock.acquire(blocking=False)
             ):

@@ -111,6 +111,23 @@ class PeerDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     extra: bytes = b""
 
 
+_SMALL = 8  # plans of at most this many Region pairs are checked in plain Python
+
+
+def _small_columns(tid: str, src: Sequence[Region], dst: Sequence[Region]) -> np.ndarray:
+    """``TransferPlan.columns`` of a few Region pairs, with the checks of the array path:
+    numpy's per-call overhead is most of a one-block plan's cost otherwise."""
+    rows = []
+    for i, (s, d) in enumerate(zip(src, dst)):
+        for what, r in (("source", s), ("destination", d)):
+            if not (0 <= r.addr < 1 << 64 and 0 <= r.length < 1 << 64):
+                raise ValueError(f"plan {tid}: {what} of pair {i} has address {r.addr}, length {r.length} (out of range)")
+        if s.length != d.length:
+            raise ValueError(f"plan {tid}: pair {i} has source length {s.length}, destination {d.length}")
+        rows.append((s.addr, d.addr, s.length))
+    return np.array(rows, dtype=np.uint64).reshape(-1, 3)
+
+
 @dataclass(frozen=True, slots=True)
 class TransferPlan:
     """Pairs of equal-length (source, destination) regions for one transfer.
@@ -126,6 +143,7 @@ class TransferPlan:
     src: Sequence[Region]
     dst: Sequence[Region]
     columns: np.ndarray = field(init=False, repr=False, compare=False)
+    nbytes: int = field(init=False, repr=False, compare=False)  # bytes the plan moves
 
     def __post_init__(self) -> None:
         tid = self.transfer_id
@@ -135,6 +153,11 @@ class TransferPlan:
             raise ValueError(
                 f"plan {tid}: {len(self.src)} source regions but {len(self.dst)} destinations"
             )
+        if not isinstance(self.src, RegionArray) and not isinstance(self.dst, RegionArray) and len(self.src) <= _SMALL:
+            cols = _small_columns(tid, self.src, self.dst)
+            object.__setattr__(self, "columns", cols)
+            object.__setattr__(self, "nbytes", sum(r.length for r in self.src))
+            return
         sa, sl = region_columns(self.src, f"plan {tid}: source of pair")
         da, dl = region_columns(self.dst, f"plan {tid}: destination of pair")
         bad = np.flatnonzero(sl != dl)
@@ -142,6 +165,7 @@ class TransferPlan:
             i = int(bad[0])
             raise ValueError(f"plan {tid}: pair {i} has source length {int(sl[i])}, destination {int(dl[i])}")
         object.__setattr__(self, "columns", np.stack([sa, da, sl], axis=1) if len(sa) else np.empty((0, 3), np.uint64))
+        object.__setattr__(self, "nbytes", int(sl.sum()))
 
     @classmethod
     def from_pairs(cls, transfer_id: str, pairs: Sequence[tuple[Region, Region]]) -> "TransferPlan":
@@ -152,10 +176,6 @@ class TransferPlan:
         """A plan from three columns (block i: ``lengths[i]`` bytes from ``src_addrs[i]`` to
         ``dst_addrs[i]``)."""
         return cls(TransferId(transfer_id), RegionArray(src_addrs, lengths), RegionArray(dst_addrs, lengths))
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.columns[:, 2].sum())
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +196,40 @@ class Rejection:
     reason: str
 
 
+class Latch:
+    """A one-shot ``threading.Event``: ``set`` once, any number of ``wait``s. A bare lock held
+    until set, so making one costs a C lock, not the Condition an Event builds in Python
+    (a handle or a grant is made per transfer; with one small block that showed)."""
+
+    __slots__ = ("_gate", "_set")
+
+    def __init__(self) -> None:
+        self._gate = threading.Lock()
+        self._gate.acquire()
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        try:
+            self._gate.release()
+        except RuntimeError:  # a racing set() released it first
+            pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once set; False when ``timeout`` passed first (None: no limit)."""
+        if self._set:
+            return True
+        if not self._gate.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+            return self._set
+        self._gate.release()  # let the next waiter through
+        return True
+
+
 @dataclass(eq=False)
 class TransferHandle:
     """Completion of one ``write``. Thread safe; resolved exactly once."""
@@ -188,7 +242,7 @@ class TransferHandle:
     finished_at: float | None = None
     _status: Status = Status.PENDING
     _error: TransportError | None = None
-    _event: threading.Event = field(default_factory=threading.Event)
+    _event: "Latch" = field(default_factory=lambda: Latch())
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

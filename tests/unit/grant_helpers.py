@@ -10,6 +10,7 @@ from typing import Callable, Hashable
 import numpy as np
 
 from pdfabric.memory import Region, region_of
+from pdfabric.transports import base
 from pdfabric.transports._state import GrantTable, MemoryTable
 
 NAME = "unit"
@@ -70,12 +71,14 @@ def wait_in_thread(table: GrantTable, tid: str, timeout: float = 5.0) -> tuple[t
 
 
 def block_until_waiting(t: threading.Thread, limit_s: float = 2.0) -> None:
-    """Return once ``t`` is inside threading's Event/Condition ``wait`` (or has ended)."""
+    """Return once ``t`` is inside threading's Event/Condition ``wait`` or a ``Latch.wait``
+    (or has ended)."""
     deadline = time.monotonic() + limit_s
+    waits = {threading.__file__, base.__file__}
     while time.monotonic() < deadline and t.is_alive():
         frame = sys._current_frames().get(t.ident or -1)
         while frame is not None:
-            if frame.f_code.co_name == "wait" and frame.f_code.co_filename == threading.__file__:
+            if frame.f_code.co_name == "wait" and frame.f_code.co_filename in waits:
                 return
             frame = frame.f_back
         time.sleep(0.001)

@@ -359,3 +359,43 @@ def test_plan_from_arrays_names_the_pair_whose_lengths_differ() -> None:
         TransferPlan(TransferId("t"), RegionArray([0, 8], [8, 8]), RegionArray([0, 8], [8, 16]))
     with pytest.raises(ValueError, match="2 source regions but 1 destinations"):
         TransferPlan(TransferId("t"), RegionArray([0, 8], [8, 8]), RegionArray([0], [8]))
+
+
+@pytest.mark.parametrize("n", [1, 8, 9, 40])  # plain-Python checks up to 8 pairs, numpy above
+def test_plan_columns_and_errors_are_the_same_for_few_and_many_pairs(n: int) -> None:
+    src = [Region(1000 * i, 10 + i) for i in range(n)]
+    dst = [Region(7 + 500 * i, 10 + i) for i in range(n)]
+    p = TransferPlan(TransferId("t"), tuple(src), tuple(dst))
+    assert p.columns.dtype == np.uint64 and p.columns.shape == (n, 3)
+    assert p.columns.tolist() == [[s.addr, d.addr, s.length] for s, d in zip(src, dst)]
+    assert p.nbytes == sum(s.length for s in src)
+    last = n - 1
+    bad_len = dst[:last] + [Region(dst[last].addr, 99)]
+    with pytest.raises(ValueError, match=f"^plan t: pair {last} has source length {src[last].length}, destination 99$"):
+        TransferPlan(TransferId("t"), tuple(src), tuple(bad_len))
+    for bad, what in ((Region(-1, 4), "address -1, length 4"), (Region(1 << 64, 4), f"address {1 << 64}, length 4"),
+                      (Region(0, -4), "address 0, length -4")):
+        with pytest.raises(ValueError, match=f"^plan t: source of pair {last} has {what} \\(out of range\\)$"):
+            TransferPlan(TransferId("t"), tuple(src[:last] + [bad]), tuple(dst[:last] + [bad]))
+
+
+def test_latch_releases_every_waiter_once_set_and_times_out_before() -> None:
+    import threading
+    import time
+
+    from pdfabric.transports.base import Latch
+
+    latch = Latch()
+    t0 = time.monotonic()
+    assert latch.wait(0.05) is False and time.monotonic() - t0 >= 0.04 and not latch.is_set()
+    assert latch.wait(0) is False
+    woken: list[bool] = []
+    waiters = [threading.Thread(target=lambda: woken.append(latch.wait(10))) for _ in range(5)]
+    for w in waiters:
+        w.start()
+    latch.set()
+    latch.set()  # a second set is a no-op, not an error
+    for w in waiters:
+        w.join(10)
+    assert woken == [True] * 5 and latch.is_set()
+    assert latch.wait(0) is True and latch.wait(None) is True

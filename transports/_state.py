@@ -50,6 +50,7 @@ __all__ = ["MemoryTable", "GrantTable", "GrantReceiver", "merge_regions", "first
 log = logging.getLogger("pdfabric.transports")
 
 _FINISHED_MEMORY = 4096
+_LIST_RANGES = 64  # grants of up to this many ranges keep them as Python ints too
 
 
 def first_outside(starts: np.ndarray, ends: np.ndarray, addrs: np.ndarray, lens: np.ndarray) -> int:
@@ -171,9 +172,21 @@ class _Grant:
     active: int = 0
     writers: set[Hashable] = field(default_factory=set)
     event: Latch = field(default_factory=Latch)
+    lists: tuple[list[int], list[int]] | None = None  # starts, ends as ints (small grants)
+
+    def __post_init__(self) -> None:
+        if len(self.starts) <= _LIST_RANGES:
+            self.lists = (self.starts.tolist(), self.ends.tolist())
 
     def first_outside(self, segs: np.ndarray) -> int:
-        return first_outside(self.starts, self.ends, segs[:, 0], segs[:, 1])
+        if self.lists is None or len(segs) > 8:
+            return first_outside(self.starts, self.ends, segs[:, 0], segs[:, 1])
+        s_list, e_list = self.lists  # a few segments: bisect on ints, one numpy call in all
+        for k, (a, ln) in enumerate(segs.tolist()):
+            i = bisect.bisect_right(s_list, a) - 1
+            if i < 0 or a + ln > e_list[i]:
+                return k
+        return -1
 
 
 class GrantTable:

@@ -260,13 +260,15 @@ class FrameReader:
 
     def read_into(self, iov: np.ndarray) -> int:
         """Fill the (n, 2) iovec array: staged bytes first (memmove), then the socket."""
-        total = int(iov[:, 1].sum())
+        few = iov.tolist() if len(iov) <= 8 else None  # a few rows: Python ints, no numpy calls
+        total = sum(r[1] for r in few) if few is not None else int(iov[:, 1].sum())
         staged = min(self.end - self.start, total)
         done = 0
         if staged == 0:
             return recv_iov(self.sock.fileno(), iov)
-        rows = len(iov) if len(iov) <= 8 else int(np.searchsorted(np.cumsum(iov[:, 1]), staged)) + 1
-        for addr, length in iov[:rows].tolist():
+        if few is None:
+            few = iov[: int(np.searchsorted(np.cumsum(iov[:, 1]), staged)) + 1].tolist()
+        for addr, length in few:
             if done >= staged:
                 break
             k = min(length, staged - done)

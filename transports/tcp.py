@@ -96,9 +96,13 @@ class TcpTransport(StreamTransport):
 
     def _receive(self, ctx: _ConnCtx, tid: str, count: int, body_len: int) -> None:
         raw = ctx.reader.read(16 * count)
-        table = np.frombuffer(raw, dtype=">u8").reshape(count, 2).astype(np.uint64)
-        if sum(w.unpack_u64s(raw, 2 * count)[1::2]) != body_len:  # Python ints: no wrap-around
+        vals = w.unpack_u64s(raw, 2 * count)
+        if sum(vals[1::2]) != body_len:  # Python ints: no wrap-around
             raise FrameError(f"DATA frame announces {body_len} bytes but its segments add up differently", transfer_id=tid)
+        if count <= 8:
+            table = np.array(vals, dtype=np.uint64).reshape(count, 2)
+        else:
+            table = np.frombuffer(raw, dtype=">u8").reshape(count, 2).astype(np.uint64)
         token = self._grants.begin_write(tid, table, ctx.peer, ctx)
         got = 0
         try:

@@ -463,3 +463,23 @@ def test_close_keeps_finished_results(rx: Receiver) -> None:
     assert rx.table.wait("t1", 1.0) == RecvResult("t1", 4, b"kept")  # type: ignore[arg-type]
 
 
+
+
+def test_small_grant_checks_agree_with_the_array_check() -> None:
+    """Grants of few ranges check a few segments on Python ints; both ways must agree with
+    the definition (a segment is inside when one granted range holds all of it)."""
+    from pdfabric.transports._state import _Grant, first_outside
+
+    rng = np.random.default_rng(7)
+    for trial in range(400):
+        n = int(rng.integers(1, 6))
+        starts, ends = merge_columns(rng.integers(0, 4000, n).astype(np.uint64), rng.integers(1, 300, n).astype(np.uint64))
+        g = _Grant("t", starts, ends, int((ends - starts).sum()))
+        assert g.lists is not None
+        segs = np.stack([rng.integers(0, 4400, 8), rng.integers(0, 200, 8)], axis=1).astype(np.uint64)
+        spans = list(zip(starts.tolist(), ends.tolist()))
+        inside = [any(s <= a and a + ln <= e for s, e in spans) for a, ln in segs.tolist()]
+        for k in range(1, 9):
+            want = next((i for i in range(k) if not inside[i]), -1)  # brute force
+            assert g.first_outside(segs[:k]) == want, (trial, k)
+            assert first_outside(starts, ends, segs[:k, 0], segs[:k, 1]) == want, (trial, k)

@@ -242,7 +242,7 @@ class TransferHandle:
     finished_at: float | None = None
     _status: Status = Status.PENDING
     _error: TransportError | None = None
-    _event: "Latch" = field(default_factory=lambda: Latch())
+    _event: Latch = field(default_factory=Latch)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

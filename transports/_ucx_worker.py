@@ -22,6 +22,7 @@ liveness checks ``cap()`` asks for.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import logging
 import os
 import queue
@@ -41,7 +42,10 @@ __all__ = [
     "PidWatch",
     "WorkerLoop",
     "api",
+    "PEER_CMA_OPTIONS",
     "make_worker",
+    "memory_events_work",
+    "peer_cma_options",
     "namespace",
     "proc_start",
     "why",
@@ -72,16 +76,74 @@ api, Array = _import_ucxx()
 UCX_ERRORS: tuple[type[BaseException], ...] = (api.UCXError, RuntimeError, ValueError, IndexError)
 
 
-def make_worker(tls: str | None, net_devices: str | None, rndv_scheme: str) -> tuple[Any, Any]:
-    """A UCX context (tag matching + wakeup) and its worker in blocking-progress mode;
-    TransportUnavailable when UCX cannot start with these settings."""
+#: UCX options that let peer error handling use the cross-memory-copy lane on one host
+#: (see ``peer_cma_options``); a ``UCX_<name>`` variable in the environment wins over each
+PEER_CMA_OPTIONS = {"CMA_MEMORY_INVALIDATE": "y", "RNDV_THRESH": "16384"}
+_UCM_EVENT_VM_UNMAPPED = 1 << 17
+
+
+def memory_events_work() -> bool:
+    """Whether ucxx's UCX can hook this process's memory-unmap events right now, which is
+    what its registration cache needs (the same call UCX's cache makes, undone at once).
+
+    It cannot when another copy of UCX in the process - NIXL's wheel bundles its own -
+    installed its memory hooks after ours: UCX then makes contexts without a registration
+    cache ("rcache failed to install UCM event handler" in its diagnostics)."""
+    try:
+        import libucx  # ucxx's UCX libraries (libucx-cu12), already loaded by ucxx
+
+        path = os.path.join(os.path.dirname(libucx.__file__), "lib", "libucm.so.0")
+        ucm = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
+        callback = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)(lambda *_: None)
+        ucm.ucm_set_event_handler.restype = ctypes.c_int
+        if ucm.ucm_set_event_handler(_UCM_EVENT_VM_UNMAPPED, 0, callback, None) != 0:
+            return False
+        ucm.ucm_unset_event_handler(_UCM_EVENT_VM_UNMAPPED, callback, None)
+        return True
+    except (ImportError, OSError, AttributeError):
+        return False
+
+
+def peer_cma_options() -> dict[str, str]:
+    """Context options for peer error handling on one host, or {} where they are unsafe.
+
+    With peer error handling UCX takes a rendezvous lane only from a memory domain that can
+    invalidate registrations, and its cross-memory-attach domain says so only with
+    ``CMA_MEMORY_INVALIDATE=y``; without it one host moves bytes over TCP. The option is safe
+    only with a registration cache: UCX 1.21 aborts a rendezvous to a peer that died by
+    invalidating through the context's cache without checking that there is one, a NULL
+    dereference that kills the *sender* (``ucp_proto_rndv_rts_abort`` ->
+    ``ucs_rcache_region_invalidate``). So it is on only where ``memory_events_work`` and
+    ``UCX_RCACHE_ENABLE`` does not switch the cache off.
+    ``RNDV_THRESH`` keeps small messages eager (UCX's automatic threshold then sent even
+    4 KiB by rendezvous)."""
+    if os.environ.get("UCX_RCACHE_ENABLE", "").lower() in ("n", "no", "off", "0", "false"):
+        return {}
+    if not memory_events_work():
+        return {}
+    return {k: v for k, v in PEER_CMA_OPTIONS.items() if f"UCX_{k}" not in os.environ}
+
+
+def make_worker(tls: str | None, net_devices: str | None, rndv_scheme: str,
+                extra: dict[str, str] | None = None) -> tuple[Any, Any, bool]:  # fmt: skip
+    """A UCX context (tag matching + wakeup), its worker in blocking-progress mode, and
+    whether the ``extra`` options are in it (they are dropped again if this UCX refuses
+    them); TransportUnavailable when UCX cannot start with these settings."""
     config = {"RNDV_SCHEME": rndv_scheme}
     if tls:
         config["TLS"] = tls
     if net_devices:
         config["NET_DEVICES"] = net_devices
     try:
-        ctx = api.UCXContext(config, feature_flags=(api.Feature.TAG, api.Feature.WAKEUP))
+        applied = bool(extra)
+        try:
+            ctx = api.UCXContext({**config, **(extra or {})}, feature_flags=(api.Feature.TAG, api.Feature.WAKEUP))
+        except UCX_ERRORS as e:
+            if not extra:
+                raise
+            log.info("ucx: UCX refused %s (%s); starting without them", extra, why(e))
+            applied = False
+            ctx = api.UCXContext(config, feature_flags=(api.Feature.TAG, api.Feature.WAKEUP))
         worker = api.UCXWorker(ctx)
         worker.init_blocking_progress_mode()
     except UCX_ERRORS as e:
@@ -90,7 +152,7 @@ def make_worker(tls: str | None, net_devices: str | None, rndv_scheme: str) -> t
             "check the tls / net_devices options (`ucx_info -d` lists what this machine has)",
             transport="ucx",
         ) from e
-    return ctx, worker
+    return ctx, worker, applied
 
 
 class WorkerLoop:

@@ -42,11 +42,14 @@ writes, and the grants it was approved to write, with ``PeerGone``. Receives it 
 way hold their grant (nothing else may reuse that memory) until they complete, its
 process is seen to exit, or - after its Bye - ``_BYE_GRACE_S``. With
 ``ucx_error_handling="peer"`` (the default) UCX fails and purges a send to a process that
-died, and a dying receiver never takes its sender down; UCX then offers TCP and RDMA paths
-only, so on one host it moves bytes at TCP speed. ``"none"`` is the fast same-host path
-(shared memory and one cross-memory copy) at two costs: UCX cannot cancel a send to a
-process that died, so such a send - and the worker it holds - stays until the process
-exits, and a receiver that dies while a sender's copy into it is under way aborts the
+died, and a dying receiver never takes its sender down. On one host large segments still
+take one cross-memory copy (``peer_cma_options``: UCX needs ``CMA_MEMORY_INVALIDATE`` for
+that lane with peer error handling, safe only where the process's UCX has a registration
+cache); where it has none - NIXL's bundled UCX hooked memory events after ucxx's, or
+``UCX_RCACHE_ENABLE=n`` - peer mode keeps to TCP (``cross_memory_copy`` says which).
+``"none"`` also uses shared memory for small messages, at two costs: UCX cannot cancel a
+send to a process that died, so such a send - and the worker it holds - stays until the
+process exits, and a receiver that dies while a sender's copy into it is under way aborts the
 sender's process (see *Who copies*). Choose it only where that is acceptable.
 
 *Close* says Bye to every peer, fails pending transfers, closes the endpoints, then drops
@@ -94,6 +97,7 @@ from ._ucx_worker import (
     WorkerLoop,
     api,
     make_worker,
+    peer_cma_options,
     proc_start,
     why,
 )
@@ -129,6 +133,15 @@ def _close_at_exit() -> None:
     atexit.register(lambda: [t.close() for t in list(_OPEN)])
 
 
+@functools.cache
+def _warn_tcp_only() -> None:
+    log.warning(
+        "ucx: this process's UCX has no registration cache (another UCX in the process, e.g. "
+        "NIXL's, took over the memory hooks, or UCX_RCACHE_ENABLE=n): with peer error handling "
+        "same-host peers use TCP"
+    )
+
+
 class UcxTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
     """Push transport of UCX tagged messages over worker-address endpoints; any hosts."""
 
@@ -154,7 +167,13 @@ class UcxTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
         self.transfer_timeout_s = transfer_timeout_s
         self.peer_timeout_s = peer_timeout_s
         self._error_handling = ucx_error_handling == "peer"
-        self._ctx, self._worker = make_worker(tls, net_devices, rndv_scheme)
+        extra = peer_cma_options() if self._error_handling else {}
+        self._ctx, self._worker, applied = make_worker(tls, net_devices, rndv_scheme, extra)
+        #: whether a peer on this host gets one cross-memory copy (``none`` mode always;
+        #: peer mode where ``peer_cma_options`` allows it) rather than UCX's TCP path
+        self.cross_memory_copy = not self._error_handling or applied
+        if self._error_handling and not applied:
+            _warn_tcp_only()
         self._incarnation = uuid.uuid4().hex
         self._mem = MemoryTable(self.name)
         self._grants = GrantTable(self.name, self._mem, kill_conn=self._kill_conn)

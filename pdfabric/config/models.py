@@ -210,9 +210,10 @@ class NixlTransport(_Frozen):
 class UcxTransport(_Frozen):
     """UCX via ucxx worker-address endpoints.
 
-    ``ucx_error_handling``: ``peer`` (default) survives any peer's death but runs at TCP
-    speed on one host; ``none`` takes UCX's shared-memory/cross-memory-copy path on one host,
-    where a receiver dying mid-copy aborts the sender's process."""
+    ``ucx_error_handling``: ``peer`` (default) survives any peer's death; on one host its
+    large segments take one cross-memory copy where the process's UCX has a registration
+    cache, TCP otherwise; ``none`` adds shared memory for small messages, and a receiver
+    dying mid-copy aborts the sender's process."""
 
     kind: Literal["ucx"] = "ucx"
     tls: Annotated[str, Field(min_length=1)] | None = None

@@ -340,3 +340,74 @@ def test_idle_connected_transports_use_under_2_percent_of_a_core() -> None:
     assert r.returncode == 0, r.stderr
     pct = float(r.stdout.strip().splitlines()[-1])
     assert pct < 2.0, f"idle ucx transports used {pct:.2f}% of a core"
+
+
+# ------------------------------------------------------------------ same-host path
+
+PATH_SCRIPT = """
+import sys
+import numpy as np
+from pdfabric.memory import region_of
+from pdfabric.testing import CHECKS
+from pdfabric.transports import TransferId, TransferPlan, create
+
+for step in sys.argv[1]:
+    if step == "u":  # a ucx pair made (and closed) before: ucxx's UCX hooked memory first
+        a, b = create("ucx"), create("ucx")
+        a.connect(b.descriptor()); a.close(); b.close()
+    elif step == "n":  # a NIXL agent: NIXL's own UCX hooks memory after it
+        create("nixl").close()
+print("MARK", file=sys.stderr, flush=True)
+rcv, snd = create("ucx"), create("ucx")
+src = np.random.default_rng(5).integers(0, 256, 2 << 20, dtype=np.uint8)
+dst = np.zeros(2 << 20, np.uint8)
+rcv.register([region_of(dst)]); snd.register([region_of(src)])
+peer = snd.connect(rcv.descriptor())
+rcv.grant("t", [region_of(dst)])
+snd.wait(snd.write(peer, TransferPlan(TransferId("t"), (region_of(src),), (region_of(dst),))), 10)
+rcv.wait_recv("t", 10)
+assert np.array_equal(src, dst), "bytes differ"
+print(snd.cross_memory_copy, flush=True)
+rcv.close(); snd.close()
+CHECKS["peer_death"](lambda: (create("ucx"), create("ucx")), "ucx", {})
+print("survived", flush=True)
+"""
+
+
+def _same_host_path(steps: str, **env: str) -> tuple[bool, list[str]]:
+    """Run PATH_SCRIPT: whether the last pair took the cross-memory copy, and the rows of
+    UCX's protocol table (``UCX_PROTO_INFO``) printed for it; asserts that the sender
+    survived the receiver being killed mid-transfer."""
+    r = subprocess.run([sys.executable, "-c", PATH_SCRIPT, steps], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "UCX_PROTO_INFO": "y", **env}, check=False)  # fmt: skip
+    assert r.returncode == 0, f"exit {r.returncode} (-11: the sender segfaulted): {r.stderr[-3000:]}"
+    out = r.stdout.split()
+    assert out[-1] == "survived" and out[-2] in ("True", "False"), r.stdout
+    rows = [line for line in r.stderr.split("MARK", 1)[1].splitlines() if "..inf" in line]
+    assert rows, "UCX printed no protocol table"
+    return out[-2] == "True", rows
+
+
+def test_peer_mode_moves_same_host_segments_with_one_cross_memory_copy() -> None:
+    """Peer error handling (the default) takes UCX's rendezvous over cross-memory attach on
+    one host, and a receiver killed mid-rendezvous still only fails the sender's write."""
+    fast, rows = _same_host_path("")
+    assert fast
+    assert any("rendezvous" in r and "cma/memory" in r for r in rows), "\n".join(rows)
+
+
+def test_without_a_registration_cache_peer_mode_keeps_tcp_and_survives() -> None:
+    """UCX 1.21 dereferences a missing registration cache when it aborts a rendezvous to a
+    dead peer: without a cache, peer mode must stay on TCP (and the sender alive)."""
+    fast, rows = _same_host_path("", UCX_RCACHE_ENABLE="n")
+    assert not fast
+    assert not any("cma" in r for r in rows), "\n".join(rows)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nixl") is None, reason="nixl is not installed (the nixl extra)")
+def test_nixl_hooking_memory_after_ucxx_turns_the_fast_path_off_safely() -> None:
+    """NIXL's wheel bundles another UCX; once it hooked memory after ucxx's, new ucxx
+    contexts get no registration cache: the transport sees that and stays on TCP."""
+    fast, rows = _same_host_path("un")
+    assert not fast
+    assert not any("cma" in r for r in rows), "\n".join(rows)

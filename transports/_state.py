@@ -61,7 +61,7 @@ def first_outside(starts: np.ndarray, ends: np.ndarray, addrs: np.ndarray, lens:
         return -1
     if len(starts) == 0:
         return 0
-    if n <= 8:  # numpy's per-call overhead dominates for a few segments
+    if n <= 8 and len(starts) <= _LIST_RANGES:  # numpy's per-call overhead dominates
         s_list, e_list = starts.tolist(), ends.tolist()
         for k, (a, ln) in enumerate(zip(addrs.tolist(), lens.tolist())):
             i = bisect.bisect_right(s_list, a) - 1
@@ -172,15 +172,17 @@ class _Grant:
     active: int = 0
     writers: set[Hashable] = field(default_factory=set)
     event: Latch = field(default_factory=Latch)
-    lists: tuple[list[int], list[int]] | None = None  # starts, ends as ints (small grants)
+    lists: tuple[list[int], list[int]] | None = None  # starts, ends as ints (small checks)
 
     def __post_init__(self) -> None:
         if len(self.starts) <= _LIST_RANGES:
             self.lists = (self.starts.tolist(), self.ends.tolist())
 
     def first_outside(self, segs: np.ndarray) -> int:
-        if self.lists is None or len(segs) > 8:
+        if len(segs) > 8:
             return first_outside(self.starts, self.ends, segs[:, 0], segs[:, 1])
+        if self.lists is None:  # a large grant checked a few segments at a time (ucx: one
+            self.lists = (self.starts.tolist(), self.ends.tolist())  # per message): once
         s_list, e_list = self.lists  # a few segments: bisect on ints, one numpy call in all
         for k, (a, ln) in enumerate(segs.tolist()):
             i = bisect.bisect_right(s_list, a) - 1

@@ -13,7 +13,10 @@ from pdfabric.errors import TransportError
 
 from .base import TransferHandle
 
-__all__ = ["Approval", "Peer", "Write"]
+__all__ = ["Approval", "Peer", "Write", "split_completed", "FULL_SCAN_S"]
+
+#: how often the UCX thread looks at every pending request, not only the leading ones
+FULL_SCAN_S = 0.02
 
 
 @dataclass(eq=False)
@@ -70,3 +73,25 @@ class Peer:
 
     def owes(self) -> bool:
         return bool(self.writes or self.approvals or (self.hello is not None and not self.hello.done()))
+
+
+def split_completed(items: list[Any], full: bool) -> tuple[list[Any], list[Any]]:
+    """(completed, pending) of UCX request items (tuples, the request first).
+
+    UCX completes one endpoint's messages in about the order they were posted, so a step
+    takes only the leading run of completed items: O(completions), where looking at every
+    pending one each step made a write of n segments cost O(n^2). ``full`` looks at all of
+    them (the UCX thread does so every ``FULL_SCAN_S``), so a request that failed behind a
+    slow one still surfaces."""
+    if full:
+        done: list[Any] = []
+        still: list[Any] = []
+        for x in items:
+            (done if x[0].completed else still).append(x)
+        return done, still
+    k = 0
+    for x in items:
+        if not x[0].completed:
+            break
+        k += 1
+    return (items[:k], items[k:]) if k else ([], items)

@@ -33,7 +33,7 @@ from pdfabric.errors import (
 
 from . import _ucx_wire as w
 from ._state import GrantTable, MemoryTable
-from ._ucx_peer import Approval, Peer
+from ._ucx_peer import Approval, Peer, split_completed
 from ._ucx_worker import UCX_ERRORS, Array, api, why
 from .base import Rejection, Status
 
@@ -177,20 +177,15 @@ class ReceiverRole:
         except UCX_ERRORS:
             pass
 
-    def _reap_recvs(self) -> bool:
-        """Account for receives UCX completed; finish approvals whose bytes all landed."""
+    def _reap_recvs(self, full: bool = False) -> bool:
+        """Account for receives UCX completed (see ``split_completed``); finish approvals
+        whose bytes all landed."""
         if self._discards:
             self._discards = [r for r in self._discards if not r.completed]
         if not self._recvs:
             return False
-        still: list[tuple[Any, Approval, int, object]] = []
-        changed = False
-        for item in self._recvs:
-            req, a, n, token = item
-            if not req.completed:
-                still.append(item)
-                continue
-            changed = True
+        done, self._recvs = split_completed(self._recvs, full)
+        for req, a, n, token in done:
             try:
                 req.check_error()
                 ok, reason = True, ""
@@ -205,8 +200,7 @@ class ReceiverRole:
             if not a.dead and a.received == a.nbytes and a.outstanding == 0:
                 self._complete(a)
             self._forget(a)
-        self._recvs = still
-        return changed
+        return bool(done)
 
     def _complete(self, a: Approval) -> None:
         a.dead = True  # nothing more to take

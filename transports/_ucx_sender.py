@@ -30,7 +30,7 @@ from pdfabric.errors import (
 
 from . import _ucx_wire as w
 from ._state import MemoryTable
-from ._ucx_peer import Peer, Write
+from ._ucx_peer import Peer, Write, split_completed
 from ._ucx_worker import UCX_ERRORS, Array, api, why
 from .base import Status
 
@@ -106,23 +106,17 @@ class SenderRole:
         cls = CODE_ERRORS.get(m.code, TransportError)
         self._finish(wr, cls(f"receiver refused: {m.reason}", transfer_id=wr.handle.transfer_id, peer=p.label, transport=self.name))
 
-    def _reap_sends(self) -> bool:
-        """Account for sends UCX completed; a failed one fails its write."""
+    def _reap_sends(self, full: bool = False) -> bool:
+        """Account for sends UCX completed (see ``split_completed``); a failed one fails its write."""
         if not self._sends:
             return False
-        still: list[tuple[Any, Write]] = []
-        changed = False
-        for req, wr in self._sends:
-            if not req.completed:
-                still.append((req, wr))
-                continue
-            changed = True
+        done, self._sends = split_completed(self._sends, full)
+        for req, wr in done:
             try:
                 req.check_error()
             except UCX_ERRORS as e:
                 self._send_failed(wr, e)
-        self._sends = still
-        return changed
+        return bool(done)
 
     def _send_failed(self, wr: Write, e: BaseException) -> None:
         p = wr.peer

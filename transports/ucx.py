@@ -87,7 +87,7 @@ from pdfabric.errors import (
 from . import _ucx_wire as w
 from ._plan import check_no_overlap, coalesce_plan
 from ._state import GrantReceiver, GrantTable, MemoryTable
-from ._ucx_peer import Approval, Peer, Write
+from ._ucx_peer import FULL_SCAN_S, Approval, Peer, Write
 from ._ucx_receiver import ReceiverRole
 from ._ucx_sender import CODE_ERRORS, SenderRole
 from ._ucx_worker import (
@@ -199,7 +199,7 @@ class UcxTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
         self._wmask, self._kmask = api.UCXXTagMask(w.WRITE_MASK), api.UCXXTagMask(w.KIND_MASK | w.KEY_MASK)
         self._info = w.encode_info(w.PeerInfo(w.UCX_WIRE_VERSION, self._worker.address.tobytes(),
                                               self._pids.namespace, proc_start(os.getpid()) or 0))  # fmt: skip
-        self._next_check = 0.0
+        self._next_check = self._next_scan = 0.0
         self._io = WorkerLoop("pdfabric-ucx", self._worker, self._step, self._poll_cap)
         self._io.start()
         _OPEN.add(self)
@@ -335,9 +335,12 @@ class UcxTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
         busy |= self._probe_ctrl()
         busy |= self._reap_ctrl()  # an Ask first, then the segments queued behind it
         busy |= self._probe_data()
-        busy |= self._reap_recvs()
-        busy |= self._reap_sends()
         now = time.monotonic()
+        full = now >= self._next_scan
+        if full:
+            self._next_scan = now + FULL_SCAN_S
+        busy |= self._reap_recvs(full)
+        busy |= self._reap_sends(full)
         if now >= self._next_check:
             self._liveness(now)
             self._next_check = now + _LIVENESS_S
@@ -517,7 +520,7 @@ class UcxTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
         deadline = time.monotonic() + _FLUSH_S
         while self._progress() and time.monotonic() < deadline:
             pass
-        self._reap_recvs()
+        self._reap_recvs(full=True)
         still: list[tuple[Any, Approval, int, object]] = []
         for item in self._recvs:
             req, a, _, token = item

@@ -483,3 +483,29 @@ def test_small_grant_checks_agree_with_the_array_check() -> None:
             want = next((i for i in range(k) if not inside[i]), -1)  # brute force
             assert g.first_outside(segs[:k]) == want, (trial, k)
             assert first_outside(starts, ends, segs[:k, 0], segs[:k, 1]) == want, (trial, k)
+
+
+def test_large_grant_checked_a_few_segments_at_a_time_agrees_with_the_definition() -> None:
+    """A grant of many ranges (one per KV block) checked one message at a time, as ``ucx``
+    does, builds its int lists once on the first such check and stays exact: ranges' edges,
+    gaps between them, and segments that straddle two ranges."""
+    from pdfabric.transports._state import _LIST_RANGES, _Grant, first_outside
+
+    rng = np.random.default_rng(8)
+    n = 4 * _LIST_RANGES
+    starts = (np.arange(n, dtype=np.uint64) * np.uint64(1000)) + np.uint64(100)
+    ends = starts + rng.integers(100, 900, n).astype(np.uint64)  # gaps between all of them
+    g = _Grant("t", starts, ends, int((ends - starts).sum()))
+    assert g.lists is None  # nothing converted for grants checked in bulk
+    spans = list(zip(starts.tolist(), ends.tolist()))
+    for _ in range(600):
+        k = int(rng.integers(1, 9))
+        segs = np.stack([rng.integers(0, n * 1000, k), rng.integers(1, 1200, k)], axis=1).astype(np.uint64)
+        inside = [any(s <= a and a + ln <= e for s, e in spans) for a, ln in segs.tolist()]
+        want = next((i for i in range(k) if not inside[i]), -1)
+        assert g.first_outside(segs) == want
+        assert first_outside(starts, ends, segs[:, 0], segs[:, 1]) == want
+    assert g.lists is not None
+    edge = np.array([[int(starts[5]), int(ends[5] - starts[5])]], dtype=np.uint64)
+    assert g.first_outside(edge) == -1  # exactly one whole range
+    assert g.first_outside(edge + np.array([[0, 1]], dtype=np.uint64)) == 0  # one byte past it

@@ -43,9 +43,10 @@ __all__ = [
     "WorkerLoop",
     "api",
     "PEER_CMA_OPTIONS",
+    "PEER_NO_CACHE_OPTIONS",
     "make_worker",
     "memory_events_work",
-    "peer_cma_options",
+    "peer_options",
     "namespace",
     "proc_start",
     "why",
@@ -76,9 +77,12 @@ api, Array = _import_ucxx()
 UCX_ERRORS: tuple[type[BaseException], ...] = (api.UCXError, RuntimeError, ValueError, IndexError)
 
 
-#: UCX options that let peer error handling use the cross-memory-copy lane on one host
-#: (see ``peer_cma_options``); a ``UCX_<name>`` variable in the environment wins over each
+#: UCX options of peer error handling where the process's UCX has a registration cache:
+#: the cross-memory-copy lane on one host (see ``peer_options``) ...
 PEER_CMA_OPTIONS = {"CMA_MEMORY_INVALIDATE": "y", "RNDV_THRESH": "16384"}
+#: ... and where it has none: TCP only and no zero-copy sends, so that no request of ours
+#: holds registered memory - neither a send nor a rendezvous receive a peer writes into
+PEER_NO_CACHE_OPTIONS = {"TLS": "tcp", "ZCOPY_THRESH": "inf"}
 _UCM_EVENT_VM_UNMAPPED = 1 << 17
 
 
@@ -104,24 +108,30 @@ def memory_events_work() -> bool:
         return False
 
 
-def peer_cma_options() -> dict[str, str]:
-    """Context options for peer error handling on one host, or {} where they are unsafe.
+def peer_options() -> tuple[dict[str, str], bool]:
+    """UCX context options for peer error handling, and whether they take the
+    cross-memory-copy lane on one host; a ``UCX_<name>`` variable set by the user wins.
 
-    With peer error handling UCX takes a rendezvous lane only from a memory domain that can
-    invalidate registrations, and its cross-memory-attach domain says so only with
-    ``CMA_MEMORY_INVALIDATE=y``; without it one host moves bytes over TCP. The option is safe
-    only with a registration cache: UCX 1.21 aborts a rendezvous to a peer that died by
-    invalidating through the context's cache without checking that there is one, a NULL
-    dereference that kills the *sender* (``ucp_proto_rndv_rts_abort`` ->
-    ``ucs_rcache_region_invalidate``). So it is on only where ``memory_events_work`` and
-    ``UCX_RCACHE_ENABLE`` does not switch the cache off.
-    ``RNDV_THRESH`` keeps small messages eager (UCX's automatic threshold then sent even
-    4 KiB by rendezvous)."""
-    if os.environ.get("UCX_RCACHE_ENABLE", "").lower() in ("n", "no", "off", "0", "false"):
-        return {}
-    if not memory_events_work():
-        return {}
-    return {k: v for k, v in PEER_CMA_OPTIONS.items() if f"UCX_{k}" not in os.environ}
+    UCX 1.21 has a NULL dereference that kills the process when a context has no
+    registration cache: failing the requests of an endpoint whose peer died, it invalidates
+    their registered memory through the cache without checking that there is one
+    (``ucp_ep_reqs_purge`` / ``ucp_proto_rndv_rts_abort`` -> ``ucp_request_memh_invalidate``
+    -> ``ucs_rcache_region_invalidate``). A context has none where UCM cannot hook memory
+    events (``memory_events_work``) or ``UCX_RCACHE_ENABLE`` switches it off. There, no
+    request may hold registered memory: zero-copy sends are off, and only TCP is offered to
+    peers, so that none can take a rendezvous into our memory either (a receive of a
+    rendezvous from a peer on the cross-memory lane holds it too, and crashed the same way
+    when that peer died). A ``tls`` option of the transport still wins.
+
+    With a cache: with peer error handling UCX takes a rendezvous lane only from a memory
+    domain that can invalidate registrations, and its cross-memory-attach domain says so
+    only with ``CMA_MEMORY_INVALIDATE=y`` (without it one host moves bytes over TCP).
+    ``RNDV_THRESH`` keeps small messages eager (UCX's automatic threshold sent even 4 KiB by
+    rendezvous then)."""
+    off = os.environ.get("UCX_RCACHE_ENABLE", "").lower() in ("n", "no", "off", "0", "false")
+    cache = not off and memory_events_work()
+    opts = PEER_CMA_OPTIONS if cache else PEER_NO_CACHE_OPTIONS
+    return {k: v for k, v in opts.items() if f"UCX_{k}" not in os.environ}, cache
 
 
 def make_worker(tls: str | None, net_devices: str | None, rndv_scheme: str,
@@ -137,7 +147,7 @@ def make_worker(tls: str | None, net_devices: str | None, rndv_scheme: str,
     try:
         applied = bool(extra)
         try:
-            ctx = api.UCXContext({**config, **(extra or {})}, feature_flags=(api.Feature.TAG, api.Feature.WAKEUP))
+            ctx = api.UCXContext({**(extra or {}), **config}, feature_flags=(api.Feature.TAG, api.Feature.WAKEUP))
         except UCX_ERRORS as e:
             if not extra:
                 raise

@@ -43,10 +43,11 @@ way hold their grant (nothing else may reuse that memory) until they complete, i
 process is seen to exit, or - after its Bye - ``_BYE_GRACE_S``. With
 ``ucx_error_handling="peer"`` (the default) UCX fails and purges a send to a process that
 died, and a dying receiver never takes its sender down. On one host large segments still
-take one cross-memory copy (``peer_cma_options``: UCX needs ``CMA_MEMORY_INVALIDATE`` for
+take one cross-memory copy (``peer_options``: UCX needs ``CMA_MEMORY_INVALIDATE`` for
 that lane with peer error handling, safe only where the process's UCX has a registration
 cache); where it has none - NIXL's bundled UCX hooked memory events after ucxx's, or
-``UCX_RCACHE_ENABLE=n`` - peer mode keeps to TCP (``cross_memory_copy`` says which).
+``UCX_RCACHE_ENABLE=n`` - peer mode keeps to TCP without zero-copy sends, which UCX 1.21
+would crash on when a peer dies (``cross_memory_copy`` says which).
 ``"none"`` also uses shared memory for small messages, at two costs: UCX cannot cancel a
 send to a process that died, so such a send - and the worker it holds - stays until the
 process exits, and a receiver that dies while a sender's copy into it is under way aborts the
@@ -97,7 +98,7 @@ from ._ucx_worker import (
     WorkerLoop,
     api,
     make_worker,
-    peer_cma_options,
+    peer_options,
     proc_start,
     why,
 )
@@ -138,7 +139,7 @@ def _warn_tcp_only() -> None:
     log.warning(
         "ucx: this process's UCX has no registration cache (another UCX in the process, e.g. "
         "NIXL's, took over the memory hooks, or UCX_RCACHE_ENABLE=n): with peer error handling "
-        "same-host peers use TCP"
+        "same-host peers use TCP, and sends copy rather than register memory"
     )
 
 
@@ -167,12 +168,12 @@ class UcxTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
         self.transfer_timeout_s = transfer_timeout_s
         self.peer_timeout_s = peer_timeout_s
         self._error_handling = ucx_error_handling == "peer"
-        extra = peer_cma_options() if self._error_handling else {}
+        extra, cache = peer_options() if self._error_handling else ({}, True)
         self._ctx, self._worker, applied = make_worker(tls, net_devices, rndv_scheme, extra)
         #: whether a peer on this host gets one cross-memory copy (``none`` mode always;
-        #: peer mode where ``peer_cma_options`` allows it) rather than UCX's TCP path
-        self.cross_memory_copy = not self._error_handling or applied
-        if self._error_handling and not applied:
+        #: peer mode where ``peer_options`` allows it) rather than UCX's TCP path
+        self.cross_memory_copy = not self._error_handling or (cache and applied)
+        if not cache:
             _warn_tcp_only()
         self._incarnation = uuid.uuid4().hex
         self._mem = MemoryTable(self.name)

@@ -15,7 +15,9 @@ Rule 2 - the engines' keys. Chunk keys are seeded with a fingerprint (model, lay
 only the engines know; each engine's scheduler tells it to the cache server in its
 ``Hello``, and the server lists it on ``/health`` (``keyings``, most recent first; salted
 keyings never). The proxy reads ``/health`` at start-up and every health interval until it
-finds a keying, and uses the first one listed. Without one it asks nothing (counted,
+finds a keying, and uses the first one listed; until then a request reads it too (at most
+every 0.25 s, within the request's lookup deadline), since an engine says hello on its first
+request - often the moment before a user's first requests arrive. Without one it asks nothing (counted,
 ``outcome="no_keying"``). The prompt's token ids are the request's own (a token-id
 prompt) or the decode engine's ``POST /tokenize`` (text prompts and chat messages, with the
 fields that change the tokens passed along); the keys are those of every prompt token but
@@ -35,6 +37,7 @@ mirrors) would compute the rest itself and cancel the producer's push anyway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass
@@ -54,6 +57,7 @@ __all__ = ["CacheView", "Keying", "Looked", "decide", "keying_of", "prompt_ids",
 _CHAT_TOKENS = ("add_generation_prompt", "continue_final_message", "add_special_tokens", "chat_template",
                 "chat_template_kwargs", "tools", "mm_processor_kwargs")
 _HEALTH_TIMEOUT_S = 2.0
+_INLINE_REFRESH_S = 0.25  # a request without a keying reads /health itself, at most this often
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,7 @@ class CacheView:
         self.keyer: ChunkKeyer | None = None
         self.last_error = ""
         self._rr = itertools.count()
+        self._asked_at = -1e9  # loop time of the last inline /health read (Rule 2)
 
     async def close(self) -> None:
         await self.client.close()
@@ -169,12 +174,20 @@ class CacheView:
         if estimate < proxy.settings.disaggregate_min_tokens or not proxy.registry.prefills():
             return None  # decode alone anyway: nothing to save
         c = proxy.stats.counters
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        if self.keyer is None and loop.time() - self._asked_at >= _INLINE_REFRESH_S:
+            # an engine says hello on its first request, often just before the first
+            # requests a user sends: read /health now rather than at the next interval
+            self._asked_at = loop.time()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self.refresh(proxy)
         keyer, keying = self.keyer, self.keying
         if keyer is None or keying is None:
             c["cache_no_keying"] += 1
             return None
         t0 = time.perf_counter()
-        deadline = asyncio.get_running_loop().time() + self.timeout_s
         try:
             looked = await self._look(proxy, body, chat, keyer, keying, deadline)
         finally:

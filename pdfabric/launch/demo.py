@@ -114,7 +114,15 @@ def run_demo(topo: Topology, secret: bytes, console: Console, questions: int = 5
         if got:
             row.push_bytes, row.push_s = got
         rows.append(row)
-    console.print(_table(rows))
+    looked_up = topo.cache is not None and topo.proxy.cache_lookup
+    console.print(_table(rows, looked_up))
+    if looked_up:
+        hits = [r.cached_tokens for r in rows if r.cached_tokens]
+        missed = sum(r.cached_tokens is None for r in rows)
+        console.print(f"shared cache: {len(hits)} of {len(rows)} questions found cached tokens"
+                      + (f" ({sum(hits) // len(hits)} on average)" if hits else "")
+                      + (f"; {missed} not looked up by the proxy (see pdfabric_proxy_cache_lookups_total "
+                         f"on its /metrics)" if missed else ""), highlight=False)
     return rows
 
 
@@ -122,9 +130,9 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.1f}"
 
 
-def _table(rows: list[DemoRow]) -> Table:
+def _table(rows: list[DemoRow], cache: bool = False) -> Table:
     t = Table(title="pdfabric demo: one document, different questions (through the proxy)")
-    cache = any(r.cached_tokens is not None for r in rows)
+    cache = cache or any(r.cached_tokens is not None for r in rows)
     cols = ["question", "answer", "TTFT ms", "kv wait ms", "push ms", "push GB/s", "first token ms", "total ms"]
     for col in cols + (["cached tokens"] if cache else []):
         t.add_column(col, overflow="fold")

@@ -215,6 +215,23 @@ def test_no_keying_yet_means_no_lookups(make_stack: MakeStack) -> None:
         assert s.complete(prompt).headers["x-pdfabric-cached-tokens"] == str(CT)
 
 
+def test_a_keying_said_after_start_up_serves_the_next_request(make_stack: MakeStack) -> None:
+    """Engines say hello on their first request, so the keying often appears just before a
+    user's first requests: a request reads /health itself rather than wait for the next
+    health interval (60 s here)."""
+    with CacheServerProcess(memory="16MiB") as srv:
+        s = make_stack(prefills=1, decodes=1, cache_address=srv.address, cache_http_port=srv.http_port,
+                       health_interval_s=60.0)
+        wait_until(lambda: s.proxy.cache is not None and s.proxy.cache.last_error, what="the first keying read")
+        prompt = ids(4200, 2 * CT + 1)
+        fill(srv, prompt)  # the engine's hello, right after the proxy's start-up read
+        r = s.complete(prompt)
+        assert r.status_code == 200 and r.headers.get("x-pdfabric-cached-tokens") == str(2 * CT), r.headers
+        assert "x-pdfabric-prefill" not in r.headers and s.prefills[0].requests == []
+        m = s.metrics()
+        assert m["pdfabric_proxy_cache_keying_known"] == 1 and m[outcome("no_keying")] == 0
+
+
 def test_without_a_cache_address_nothing_is_asked(make_stack: MakeStack) -> None:
     s = make_stack(prefills=1, decodes=1)
     assert s.proxy.cache is None

@@ -147,9 +147,9 @@ class SenderRole:
         if state == "ERR":
             raise PeerGone("NIXL could not post the write", transfer_id=tid, peer=p.label, transport=self.name)
         if state == "DONE":
+            self._complete(wr)  # the bytes are in place: the writer may go on at once
             self._flush()
             self._ring(p)  # its Done notification is there
-            self._complete(wr)
         else:
             self._inflight.append(wr)
 
@@ -174,9 +174,9 @@ class SenderRole:
             self._inflight.remove(wr)
             self._release_write(wr)
             if state == "DONE":
+                self._complete(wr)
                 self._flush()
                 self._ring(wr.peer)
-                self._complete(wr)
             elif wr.peer.writes.pop(wr.seq, None) is not None:
                 tid = wr.handle.transfer_id
                 self._finish(wr, PeerGone(reason, transfer_id=tid, peer=wr.peer.label, transport=self.name))

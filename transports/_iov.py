@@ -22,7 +22,7 @@ import numpy as np
 
 from pdfabric.errors import FrameError, PeerGone, TransferAborted, TransportUnavailable
 
-__all__ = ["IOV_MAX", "iovecs", "advance", "send_iov", "recv_iov", "cma_read"]
+__all__ = ["IOV_MAX", "iovecs", "advance", "send_iov", "recv_iov", "cma_read", "local_copy"]
 
 IOV_MAX = 1024
 _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0x4000)
@@ -156,6 +156,29 @@ def cma_read(pid: int, src: np.ndarray, dst: np.ndarray, cancelled: Callable[[],
             raise FrameError(f"process_vm_readv from pid {pid} failed: {os.strerror(err)}")
         if got == 0:
             raise FrameError(f"sender pid {pid} named source memory that is not mapped")
+        done += got
+        src = np.ascontiguousarray(advance(src, got))
+        dst = np.ascontiguousarray(advance(dst, got))
+    return done
+
+
+def local_copy(src: np.ndarray, dst: np.ndarray) -> int:
+    """Copy the bytes of our own ``src`` iovecs into our own ``dst`` iovecs, in order (a
+    gather or a scatter: the two lists need not pair up, only their totals must match);
+    one kernel call per ``IOV_MAX`` rows of each side, without the GIL. Returns bytes copied.
+
+    ``process_vm_readv`` on our own pid needs no ptrace permission (same thread group)."""
+    src, dst = np.ascontiguousarray(src), np.ascontiguousarray(dst)
+    pid, done = os.getpid(), 0
+    while len(dst) and len(src):
+        got = _vm_readv(pid, _ptr(dst), min(len(dst), IOV_MAX), _ptr(src), min(len(src), IOV_MAX), 0)
+        if got < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            raise FrameError(f"local copy failed: {os.strerror(err)}")
+        if got == 0:
+            raise FrameError("local copy moved nothing: a region is not mapped")
         done += got
         src = np.ascontiguousarray(advance(src, got))
         dst = np.ascontiguousarray(advance(dst, got))

@@ -29,6 +29,8 @@ class Write:
     pieces: np.ndarray  # (n, 3) [src, dst, length]; segment i is row i
     segs: bytes
     notify: bytes
+    messages: int = 0  # messages the segments travel in (``_ucx_wire.message_groups``)
+    staged: list[np.ndarray] = field(default_factory=list)  # packed messages' buffers, until sent
 
 
 @dataclass(eq=False)
@@ -44,9 +46,10 @@ class Approval:
     lens: list[int]
     notify: bytes
     nbytes: int
-    got: bytearray  # 1 per segment received
-    expected: int  # segments the sender sends (fewer after its Cancel)
-    taken: int = 0  # segments taken off UCX's queue (received or dropped)
+    got: bytearray  # 1 per message received
+    expected: int  # messages the sender sends (fewer after its Cancel)
+    groups: list[tuple[int, int]] = field(default_factory=list)  # message i: segments [start, end)
+    taken: int = 0  # messages taken off UCX's queue (received or dropped)
     received: int = 0
     outstanding: int = 0  # receives posted, not complete
     dead: bool = False  # refused or failed: the rest of its segments are dropped unread

@@ -4,11 +4,14 @@ Nothing is ever posted into our memory ahead of time: a sender sends its Ask and
 behind it, one tagged message per segment; UCX holds each segment as an *unexpected*
 message (for a large one, only its rendezvous header) until we take it. ``_on_ask`` checks
 every destination segment against the grant table (Rule 1, the check tcp and shm make per
-frame) and keeps an ``Approval``; ``_probe_data`` then takes that write's segments off
-UCX's queue by their tag prefix. A segment is received into granted memory only when its
-index was not taken yet, its length is exactly the approved segment's, and the grant table
-accepts the write once more (``GrantTable.begin_write``: the grant may have been revoked
-since). Anything else - the segments of a refused Ask, of a failed or revoked grant, or
+frame) and keeps an ``Approval``; ``_probe_data`` then takes that write's messages off
+UCX's queue by their tag prefix. A message (one segment, or a packed run of small ones -
+``_ucx_wire.message_groups``) is received only when its index was not taken yet, its
+length is exactly that of its approved segments, and the grant table accepts the write of
+those segments once more (``GrantTable.begin_write``: the grant may have been revoked
+since). One segment is received straight into granted memory; a packed run into a buffer
+of its own, scattered into its granted segments when it landed, while the grant table
+still counts the write (a revoke waits for it). Anything else - the segments of a refused Ask, of a failed or revoked grant, or
 that do not fit - is received into a one-byte scratch buffer: UCX reports it truncated and
 drops it, rendezvous data included, so no byte moves. A segment that does not fit a live
 approval is also reported as a violation that fails the grant.
@@ -32,6 +35,7 @@ from pdfabric.errors import (
 )
 
 from . import _ucx_wire as w
+from ._iov import iovecs, local_copy
 from ._state import GrantTable, MemoryTable
 from ._ucx_peer import Approval, Peer, split_completed
 from ._ucx_worker import UCX_ERRORS, Array, api, why
@@ -97,8 +101,9 @@ class ReceiverRole:
             self._send(p, w.AskNo(m.seq, w.Code.FRAME, e.message))
             return
         lens = segs[:, 1].tolist()  # Python ints: no wrap-around
+        groups = w.message_groups(lens)
         a = Approval(m.seq, m.tid, p, api.UCXXTag(w.write_tag(p.key_in, m.seq)), segs, lens, m.notify,
-                     sum(lens), bytearray(len(lens)), len(lens))  # fmt: skip
+                     sum(lens), bytearray(len(groups)), len(groups), groups)  # fmt: skip
         p.approvals[m.seq] = a
         if not p.said_hello:
             a.dead = True
@@ -148,27 +153,34 @@ class ReceiverRole:
             self._discard(probe)
             return
         i, n = w.split_data_tag(probe.sender_tag.value), probe.length
-        if i >= len(a.lens) or a.got[i] or n != a.lens[i]:
+        start, end = a.groups[i] if i < len(a.groups) else (0, 0)
+        size = sum(a.lens[start:end])
+        if i >= len(a.groups) or a.got[i] or n != size:
             self._discard(probe)
-            what = "came twice" if i < len(a.lens) and a.got[i] else f"of {n} bytes does not fit the Ask"
+            what = "came twice" if i < len(a.groups) and a.got[i] else f"of {n} bytes does not fit the Ask"
             self._violation(a, f"segment {i} of write {a.seq} {what}")
             return
         a.peer.last_heard = time.monotonic()
         try:
-            token = self._grants.begin_write(a.tid, a.segs[i : i + 1], a.peer.label, a.peer)
+            token = self._grants.begin_write(a.tid, a.segs[start:end], a.peer.label, a.peer)
         except GrantRefused as e:  # revoked or failed since the Ask
             self._discard(probe)
             self._end_approval(a, w.Code.ABORTED if self._aborted(a.tid) else w.Code.REFUSED, e.message)
             return
+        staged = None
         try:
-            req = self._worker.tag_recv_with_handle(Array(self._mem.view(int(a.segs[i, 0]), n)), probe)
-        except UCX_ERRORS as e:
+            if end - start == 1:  # one segment: straight into its granted bytes
+                buf: Any = self._mem.view(int(a.segs[start, 0]), n)
+            else:  # packed: scattered into the granted bytes once it landed (_reap_recvs)
+                buf = staged = np.empty(n, dtype=np.uint8)
+            req = self._worker.tag_recv_with_handle(Array(buf), probe)
+        except (*UCX_ERRORS, TransportError) as e:
             self._grants.end_write(token, a.peer, 0)
             self._fail_approval(a, f"UCX refused the receive: {why(e)}")
             return
         a.got[i] = 1
         a.outstanding += 1
-        self._recvs.append((req, a, n, token))
+        self._recvs.append((req, a, n, token, None if staged is None else (staged, start, end)))
 
     def _discard(self, probe: Any) -> None:
         """Take a message we refuse off UCX's queue without copying it anywhere."""
@@ -185,12 +197,19 @@ class ReceiverRole:
         if not self._recvs:
             return False
         done, self._recvs = split_completed(self._recvs, full)
-        for req, a, n, token in done:
+        for req, a, n, token, staged in done:
             try:
                 req.check_error()
                 ok, reason = True, ""
             except UCX_ERRORS as e:
                 ok, reason = False, why(e)
+            if ok and staged is not None:  # the grant is still held by ``token``: scatter
+                buf, start, end = staged
+                try:
+                    local_copy(iovecs(np.array([buf.ctypes.data], dtype=np.uint64), np.array([n], dtype=np.uint64)),
+                               a.segs[start:end])
+                except TransportError as e:
+                    ok, reason = False, e.message
             self._grants.end_write(token, a.peer, n if ok else 0)
             a.outstanding -= 1
             if ok:

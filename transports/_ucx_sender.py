@@ -1,7 +1,8 @@
 """The sender role of the ``ucx`` transport.
 
 A write sends its Ask (destination segments and the notification) and, right behind it,
-one tagged send per segment straight from the registered source memory - without waiting
+one tagged send per message (``_ucx_wire``: a segment, straight from the registered source
+memory, or a run of small segments gathered into one buffer) - without waiting
 for an answer: the receiver takes the segments off its queue only once it approved the
 Ask, and drops them unread otherwise (``_ucx_receiver``). UCX picks eager or rendezvous
 per size; on one host its rendezvous is a single cross-memory copy. The write is DONE when
@@ -28,7 +29,10 @@ from pdfabric.errors import (
     TransportError,
 )
 
+import numpy as np
+
 from . import _ucx_wire as w
+from ._iov import iovecs, local_copy
 from ._state import MemoryTable
 from ._ucx_peer import Peer, Write, split_completed
 from ._ucx_worker import UCX_ERRORS, Array, api, why
@@ -76,9 +80,21 @@ class SenderRole:
         if not self._send(p, w.Ask(wr.seq, wr.handle.transfer_id, wr.segs, wr.notify)):
             return  # the peer is gone, which failed wr
         posted = 0
+        rows = wr.pieces.tolist()
+        groups = w.message_groups([r[2] for r in rows])
+        wr.messages = len(groups)
         try:
-            for i, (src, _, n) in enumerate(wr.pieces.tolist()):
-                req = p.ep.tag_send(Array(self._mem.view(src, n)), api.UCXXTag(w.data_tag(p.key_out, wr.seq, i)))
+            for i, (a, b) in enumerate(groups):
+                if b - a == 1:  # one segment: sent from the registered memory itself
+                    src, _, n = rows[a]
+                    buf: Any = self._mem.view(src, n)
+                else:  # a run of small segments, packed
+                    part = wr.pieces[a:b]
+                    buf = np.empty(int(part[:, 2].sum()), dtype=np.uint8)
+                    local_copy(iovecs(part[:, 0], part[:, 2]), iovecs(np.array([buf.ctypes.data], dtype=np.uint64),
+                                                                      np.array([len(buf)], dtype=np.uint64)))
+                    wr.staged.append(buf)
+                req = p.ep.tag_send(Array(buf), api.UCXXTag(w.data_tag(p.key_out, wr.seq, i)))
                 self._sends.append((req, wr))
                 posted += 1
         except (*UCX_ERRORS, TransportError) as e:
@@ -124,7 +140,7 @@ class SenderRole:
             return
         reason = f"a send to the peer failed: {why(e)}"
         self._finish(wr, PeerGone(reason, transfer_id=wr.handle.transfer_id, peer=p.label, transport=self.name))
-        self._send(p, w.Cancel(wr.seq, len(wr.pieces), reason))
+        self._send(p, w.Cancel(wr.seq, wr.messages, reason))
 
     def _finish(self, wr: Write, err: TransportError | None) -> None:
         with self._lock:

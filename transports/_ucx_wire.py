@@ -4,7 +4,7 @@ UCX matches tagged messages per *worker*, not per endpoint, so everything a mess
 to be routed travels in its 64-bit tag::
 
     CTRL  0x1 << 60 | key << 40                  a control message
-    DATA  0x2 << 60 | key << 40 | seq << 24 | i  segment ``i`` of write ``seq``
+    DATA  0x2 << 60 | key << 40 | seq << 24 | i  message ``i`` of write ``seq``
 
 ``key`` (20 bits) is the receiver's key for the sending peer, handed out in HelloOk (0: a
 Hello, from a sender not known yet); ``seq`` (16 bits) numbers the sender's writes; a
@@ -17,7 +17,7 @@ refused (``decode`` raises ``FrameError``).
 One write, sender S to receiver R::
 
     S -> R  Ask(seq, tid, segs, notify)   the destination segments S wants to fill
-    S => R  one tagged send per segment, tag DATA|key|seq|i, right behind the Ask: UCX
+    S => R  one tagged send per message, tag DATA|key|seq|i, right behind the Ask: UCX
             holds each as an unexpected message (a rendezvous one as its header only)
             until R takes it; R takes the segments of ``seq`` only after it checked the
             Ask against its grant (Rule 1), and each one only into its granted bytes after
@@ -30,8 +30,17 @@ One write, sender S to receiver R::
 ``PeerInfo`` is the ``extra`` of a ``PeerDescriptor``: the UCX worker address (how a
 sender makes an endpoint to the receiver) and what identifies the receiving process.
 
+*Messages.* A message is one segment, or - for a run of consecutive segments each under
+``STAGE_BELOW`` bytes - up to ``STAGE_BYTES`` of them packed back to back (the sender
+gathers them into one buffer, the receiver scatters it): UCX costs ~15 us of Python and a
+rendezvous handshake per message, which left 32 KiB KV blocks at 0.07x memcpy. Both sides
+derive the grouping from the Ask's segment lengths (``message_groups``); the receiver
+checks a packed message's length against the sum of its segments, and the grant table
+takes it as one write of all of them.
+
 UCX_WIRE_VERSION history:
   1  first version.
+  2  runs of small segments travel packed (``message_groups``); tags number messages.
 """
 
 from __future__ import annotations
@@ -77,12 +86,13 @@ __all__ = [
     "key_of",
     "key_tag",
     "pack_segments",
+    "message_groups",
     "split_data_tag",
     "unpack_segments",
     "write_tag",
 ]
 
-UCX_WIRE_VERSION = 1
+UCX_WIRE_VERSION = 2
 MAGIC = b"PFUX"
 
 _KIND_SHIFT = 60
@@ -94,6 +104,9 @@ KEY_MASK = ((1 << KEY_BITS) - 1) << 40  # as it sits in a tag
 _SEQ_MASK = (1 << 16) - 1
 _SEG_MASK = (1 << 24) - 1
 WRITE_MASK = KIND_MASK | KEY_MASK | (_SEQ_MASK << 24)  # the tags of one write
+STAGE_BELOW = 64 << 10  # segments under this many bytes travel packed ...
+STAGE_BYTES = 1 << 20  # ... up to this many bytes per message,
+STAGE_LIMIT = 64 << 20  # and up to this many bytes per write (the rest go one per message)
 MAX_SEGMENTS = _SEG_MASK + 1
 MAX_CTRL_BYTES = 64 << 20  # an Ask of ~4M segments; anything longer is refused unread
 
@@ -213,6 +226,35 @@ def data_tag(key: int, seq: int, index: int) -> int:
 def key_tag(key: int) -> int:
     """The prefix of every DATA tag from one peer (match it with ``KIND_MASK | KEY_MASK``)."""
     return DATA | ((key << 40) & KEY_MASK)
+
+
+def message_groups(lens: list[int]) -> list[tuple[int, int]]:
+    """The messages of a write whose segments have these lengths, as [start, end) ranges
+    of segment indices: a segment of ``STAGE_BELOW`` bytes or more alone; consecutive
+    smaller ones packed while their sum stays within ``STAGE_BYTES``; once ``STAGE_LIMIT``
+    bytes were packed, the rest alone (what a write holds in buffers on each side)."""
+    out: list[tuple[int, int]] = []
+    start, run, packed = 0, 0, 0  # the open packed run: its first segment, its bytes; bytes packed
+    for i, n in enumerate(lens):
+        if n < STAGE_BELOW and packed + run + n > STAGE_LIMIT:
+            if start < i:
+                out.append((start, i))
+            out.extend((j, j + 1) for j in range(i, len(lens)))
+            return out
+        if n >= STAGE_BELOW:
+            packed += run
+            if start < i:
+                out.append((start, i))
+            out.append((i, i + 1))
+            start, run = i + 1, 0
+        elif run + n > STAGE_BYTES and start < i:
+            out.append((start, i))
+            start, run, packed = i, n, packed + run
+        else:
+            run += n
+    if start < len(lens):
+        out.append((start, len(lens)))
+    return out
 
 
 def split_data_tag(tag: int) -> int:

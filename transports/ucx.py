@@ -18,7 +18,9 @@ registration); ``connect`` waits for the thread, ``write`` hands it the write an
 
 *Grants* (``_ucx_receiver``). Tag matching is per worker, so each message names its
 sender and purpose in its tag (``_ucx_wire``). The sender sends an Ask with the
-destination segments and, right behind it, one tagged message per segment. The receiver
+destination segments and, right behind it, one tagged message per segment - or per run of
+small segments, packed into one buffer and scattered by the receiver (up to 1 MiB a
+message and 64 MiB a write, ``_ucx_wire.message_groups``). The receiver
 never pre-posts a receive: segments wait in UCX's unexpected queue (a large one as its
 rendezvous header only) until the receiver checked the Ask against its grant (Rule 1);
 then each is received into granted memory after its index and length are checked and the
@@ -190,7 +192,7 @@ class UcxTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
         self._approved_tids: set[str] = set()
         self._ctrl_in: collections.deque[tuple[Any, np.ndarray, int]] = collections.deque()
         self._ctrl_out: list[tuple[Any, np.ndarray, Peer]] = []
-        self._recvs: list[tuple[Any, Approval, int, object]] = []
+        self._recvs: list[tuple[Any, Approval, int, object, Any]] = []  # (request, approval, bytes, grant token, staged)
         self._sends: list[tuple[Any, Write]] = []
         self._discards: list[Any] = []
         self._orphans: list[Any] = []  # requests to peers that are gone: kept until close
@@ -348,7 +350,7 @@ class UcxTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
         return busy
 
     def _poll_cap(self) -> float:
-        if self._sends or self._ctrl_in or any(a.peer.gone is None for _, a, _, _ in self._recvs):
+        if self._sends or self._ctrl_in or any(a.peer.gone is None for _, a, _, _, _ in self._recvs):
             return HOT_S
         if self._zombies or any(p.owes() for p in self._peers.values()):
             return _LIVENESS_S
@@ -483,11 +485,11 @@ class UcxTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
                 self._end_approval(a, w.Code.GONE, err.message, tell=False)
         p.approvals.clear()
         self._drop_queued(p)
-        self._orphans.extend(r for r, wr in self._sends if wr.peer is p)
+        self._orphans.extend((r, wr.staged) for r, wr in self._sends if wr.peer is p)
         self._sends = [s for s in self._sends if s[1].peer is not p]
         self._orphans.extend(c[0] for c in self._ctrl_out if c[2] is p)
         self._ctrl_out = [c for c in self._ctrl_out if c[2] is not p]
-        if dead or not any(a.peer is p for _, a, _, _ in self._recvs):
+        if dead or not any(a.peer is p for _, a, _, _, _ in self._recvs):
             self._release_recvs(p)
         else:  # its receives hold their grants until it can no longer write (see the docstring)
             self._zombies[p] = time.monotonic() + grace if grace is not None else float("inf")
@@ -516,21 +518,21 @@ class UcxTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
         if p.pidfd is not None:
             self._pids.remove(p.pidfd)
             p.pidfd = None
-        if not any(a.peer is p for _, a, _, _ in self._recvs):
+        if not any(a.peer is p for _, a, _, _, _ in self._recvs):
             return
         deadline = time.monotonic() + _FLUSH_S
         while self._progress() and time.monotonic() < deadline:
             pass
         self._reap_recvs(full=True)
-        still: list[tuple[Any, Approval, int, object]] = []
+        still: list[tuple[Any, Approval, int, object, Any]] = []
         for item in self._recvs:
-            req, a, _, token = item
+            req, a, _, token, staged = item
             if a.peer is not p:
                 still.append(item)
                 continue
             self._grants.end_write(token, p, 0)
             a.outstanding -= 1
-            self._orphans.append(req)
+            self._orphans.append((req, staged))  # a packed message's buffer lives as long as its request
         self._recvs = still
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -549,7 +551,7 @@ class UcxTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
         self._peers.clear()
         self._by_key.clear()
         self._zombies.clear()
-        for _, a, _, token in self._recvs:  # the worker is gone: nothing lands any more
+        for _, a, _, token, _ in self._recvs:  # the worker is gone: nothing lands any more
             self._grants.end_write(token, a.peer, 0)
         self._recvs, self._sends, self._ctrl_out, self._discards, self._orphans, self._closing = [], [], [], [], [], []
         self._ctrl_in.clear()

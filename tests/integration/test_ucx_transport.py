@@ -223,6 +223,48 @@ def test_segment_that_does_not_fit_its_ask_is_dropped_and_reported(pair) -> None
     assert (dst == SENTINEL).all(), "a segment that did not fit moved bytes"
 
 
+def test_scattered_small_segments_travel_packed_and_land_where_granted(pair) -> None:  # type: ignore[no-untyped-def]
+    """Runs of small segments go as packed messages (_ucx_wire.message_groups), gathered on
+    the sender and scattered on the receiver: every byte lands in its granted place."""
+    snd, rcv, src, dst = pair
+    peer = snd.connect(rcv.descriptor())
+    rng = np.random.default_rng(5)
+    sizes = [4 * KiB, 2 * KiB, 8 * KiB]  # 14 KiB a round: 18 rounds fill 252 of the 256 KiB
+    src_at, dst_at = rng.permutation(18), rng.permutation(18)
+    srcs, dsts = [], []
+    for k in range(18):
+        off = 0
+        for n in sizes:
+            srcs.append(Region(region_of(src).addr + int(src_at[k]) * 14 * KiB + off, n))
+            dsts.append(Region(region_of(dst).addr + int(dst_at[k]) * 14 * KiB + off, n))
+            off += n
+    rcv.grant("packed", dsts)
+    snd.wait(snd.write(peer, TransferPlan(TransferId("packed"), tuple(srcs), tuple(dsts))), 10)
+    rcv.wait_recv("packed", 10)
+    base_s, base_d = region_of(src).addr, region_of(dst).addr
+    for s_, d_ in zip(srcs, dsts):
+        a, b = s_.addr - base_s, d_.addr - base_d
+        assert (dst[b : b + d_.length] == src[a : a + s_.length]).all()
+    assert (dst[18 * 14 * KiB :] == SENTINEL).all()
+
+
+def test_a_packed_message_lands_scattered_and_one_of_the_wrong_size_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    snd, rcv, _, dst = pair
+    snd.connect(rcv.descriptor())
+    asked = list(_blocks(dst, [0, 2, 1], size=16 * KiB))  # three small segments: one packed message
+    rcv.grant("ok", asked)
+    body = np.concatenate([np.full(16 * KiB, v, dtype=np.uint8) for v in (1, 2, 3)])
+    _forge(snd, rcv, 500, "ok", asked, [body])
+    rcv.wait_recv("ok", 5)
+    assert (dst[:16 * KiB] == 1).all() and (dst[32 * KiB : 48 * KiB] == 2).all() and (dst[16 * KiB : 32 * KiB] == 3).all()
+    bad = list(_blocks(dst, [4, 5, 6], size=16 * KiB))
+    rcv.grant("bad", bad)
+    _forge(snd, rcv, 501, "bad", bad, [body[: 40 * KiB]])
+    with pytest.raises(GrantRefused, match="segment 0 of write 501 of 40960 bytes does not fit the Ask"):
+        rcv.wait_recv("bad", 5)
+    assert (dst[64 * KiB : 112 * KiB] == SENTINEL).all(), "a packed message of the wrong size moved bytes"
+
+
 def test_segments_without_an_ask_or_after_a_revoke_never_land(pair) -> None:  # type: ignore[no-untyped-def]
     snd, rcv, _, dst = pair
     peer = snd.connect(rcv.descriptor())

@@ -59,8 +59,7 @@ async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: b
         tokens = looked.prompt_tokens
     alone = looked is not None and looked.alone
     tried: set[str] = set()  # instances (either role) that failed this request
-    reason = ""  # why the last prefill leg failed
-    decode_why = ""  # why the last decode leg failed
+    reason = decode_why = ""  # why the last prefill / decode leg failed
     prefill_tries = decode_failures = 0
     while True:
         more = not alone and prefill_tries < max(1, settings.prefill_attempts)

@@ -16,25 +16,20 @@ network namespaces) cannot ring; they are polled for instead.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import ctypes
 import functools
 import logging
-import os
-import queue
-import select
 import socket
 import sys
-import threading
-import time
 from typing import Any, Callable
 
 import nixl  # noqa: F401 - an ImportError here is how the registry learns nixl is missing
 import nixl._bindings as nb
 from nixl._api import nixl_agent, nixl_agent_config
 
-from pdfabric.errors import PeerGone, TransportClosed, TransportError, TransportUnavailable
+from pdfabric.errors import PeerGone, TransportError, TransportUnavailable
 
+from ._owner import OwnerThread
 from ._procs import PidWatch, namespace, proc_start, why
 
 __all__ = [
@@ -56,7 +51,6 @@ log = logging.getLogger("pdfabric.transports")
 NIXL_ERRORS: tuple[type[BaseException], ...] = tuple(
     getattr(nb, n) for n in dir(nb) if n.startswith("nixl") and n.endswith("Error")
 )
-_CALL_S = 60.0
 
 
 def make_agent(name: str, backend: str, progress_thread: bool, error_handling: str) -> Any:
@@ -75,69 +69,14 @@ def empty_reg_list() -> Any:
     return nb.nixlRegDList(nb.DRAM_SEG)
 
 
-class AgentThread:
+class AgentThread(OwnerThread):
     """The one thread that calls into an agent; see the module docstring."""
 
+    transport, library = "nixl", "NIXL"
+
     def __init__(self, name: str, step: Callable[[], bool], cap: Callable[[], float], hot_s: float, bell: "Doorbell") -> None:
+        super().__init__(name)
         self._step, self._cap, self._hot_s, self._bell = step, cap, hot_s, bell
-        self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._poll = select.poll()
-        self._poll.register(self._efd, select.POLLIN)
-        self._poll.register(bell.fileno(), select.POLLIN)
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def wake(self) -> None:
-        try:
-            os.eventfd_write(self._efd, 1)
-        except OSError:  # closed: the thread is gone
-            pass
-
-    def submit(self, fn: Callable[[], None]) -> None:
-        self._cmds.put(fn)
-        self.wake()
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the thread; return its result or raise its error."""
-        if threading.current_thread() is self.thread:
-            return fn()
-        fut: cf.Future[Any] = cf.Future()
-
-        def run() -> None:
-            if self.stopping:
-                fut.set_exception(TransportClosed("transport closed", transport="nixl"))
-                return
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # handed to the caller
-                fut.set_exception(e)
-
-        self.submit(run)
-        deadline = time.monotonic() + _CALL_S
-        while True:
-            try:
-                return fut.result(0.5)
-            except cf.TimeoutError:
-                if not self.thread.is_alive() or time.monotonic() > deadline:
-                    raise TransportClosed("the transport's NIXL thread is not running", transport="nixl") from None
-
-    def stop(self, last: Callable[[], None], timeout: float) -> bool:
-        """Run ``last`` on the thread, then end it; True when it ended within ``timeout``."""
-
-        def final() -> None:
-            self.stopping = True
-            last()
-
-        self.submit(final)
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            return False
-        os.close(self._efd)
-        return True
 
     def _run(self) -> None:
         interval = self._hot_s
@@ -153,38 +92,10 @@ class AgentThread:
                 interval = self._hot_s
                 continue
             interval = min(self._cap(), interval * 1.5)
-            if self._sleep(interval):
+            if self._ready((self._efd, self._bell.fileno()), interval):
+                self._bell.drain()
                 interval = self._hot_s  # rung: what it announced may still be on its way
         self._drain()  # commands queued meanwhile see ``stopping`` and fail fast
-
-    def _sleep(self, seconds: float) -> bool:
-        """Until woken, rung, or ``seconds`` passed. select() takes microseconds; poll()
-        (milliseconds) only for descriptors select() cannot take."""
-        fds = (self._efd, self._bell.fileno())
-        if max(fds) < 1024:
-            ready = bool(select.select(fds, (), (), seconds)[0])
-        else:
-            ready = bool(self._poll.poll(max(1.0, seconds * 1e3)))
-        if ready:
-            try:
-                os.eventfd_read(self._efd)
-            except BlockingIOError:
-                pass
-            self._bell.drain()
-        return ready
-
-    def _drain(self) -> bool:
-        ran = False
-        while True:
-            try:
-                fn = self._cmds.get_nowait()
-            except queue.Empty:
-                return ran
-            ran = True
-            try:
-                fn()
-            except Exception:
-                log.exception("nixl: command failed on the NIXL thread")
 
 
 class Doorbell:

@@ -21,19 +21,15 @@ liveness checks ``cap()`` asks for.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import ctypes
 import logging
 import os
-import queue
-import select
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-from pdfabric.errors import TransportClosed, TransportUnavailable
+from pdfabric.errors import TransportUnavailable
 
+from ._owner import OwnerThread
 from ._procs import PidWatch, namespace, proc_start, why
 
 __all__ = [
@@ -53,8 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("pdfabric.transports")
-
-_CALL_S = 60.0
 
 
 def _import_ucxx() -> tuple[Any, Any]:
@@ -165,68 +159,18 @@ def make_worker(tls: str | None, net_devices: str | None, rndv_scheme: str,
     return ctx, worker, applied
 
 
-class WorkerLoop:
+class WorkerLoop(OwnerThread):
     """The one thread that calls into a worker; see the module docstring."""
 
+    transport, library = "ucx", "UCX"
+
     def __init__(self, name: str, worker: Any, step: Callable[[], bool], cap: Callable[[], float]) -> None:
+        super().__init__(name)
         self._worker, self._step, self._cap = worker, step, cap
-        self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._fds = (self._efd, worker.epoll_file_descriptor)
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def start(self) -> None:
-        self.thread.start()
-
-    def wake(self) -> None:
-        try:
-            os.eventfd_write(self._efd, 1)
-        except OSError:  # closed: the thread is gone
-            pass
-
-    def submit(self, fn: Callable[[], None]) -> None:
-        self._cmds.put(fn)
-        self.wake()
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the thread; return its result or raise its error."""
-        if threading.current_thread() is self.thread:
-            return fn()
-        fut: cf.Future[Any] = cf.Future()
-
-        def run() -> None:
-            if self.stopping:
-                fut.set_exception(TransportClosed("transport closed", transport="ucx"))
-                return
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                fut.set_exception(e)
-
-        self.submit(run)
-        deadline = time.monotonic() + _CALL_S
-        while True:
-            try:
-                return fut.result(0.5)
-            except cf.TimeoutError:
-                if not self.thread.is_alive() or time.monotonic() > deadline:
-                    raise TransportClosed("the transport's UCX thread is not running", transport="ucx") from None
-
-    def stop(self, last: Callable[[], None], timeout: float) -> bool:
-        """Run ``last`` on the thread, then end it; True when it ended within ``timeout``."""
-
-        def final() -> None:
-            self.stopping = True
-            last()
-
-        self.submit(final)
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            return False
-        os.close(self._efd)
+    def _stopped(self) -> None:
         self._worker = None  # the transport drops the worker next
-        return True
 
     def _run(self) -> None:
         while True:
@@ -244,32 +188,5 @@ class WorkerLoop:
             except UCX_ERRORS:
                 armed = True
             if armed:
-                self._sleep(self._cap())
+                self._ready(self._fds, self._cap())
         self._drain()  # commands queued meanwhile see ``stopping`` and fail fast
-
-    def _sleep(self, seconds: float) -> None:
-        if max(self._fds) < 1024:
-            ready = select.select(self._fds, (), (), seconds)[0]
-        else:  # select() cannot take them; poll() has millisecond resolution
-            p = select.poll()
-            for fd in self._fds:
-                p.register(fd, select.POLLIN)
-            ready = [fd for fd, _ in p.poll(max(1.0, seconds * 1e3))]
-        if self._efd in ready:
-            try:
-                os.eventfd_read(self._efd)
-            except BlockingIOError:
-                pass
-
-    def _drain(self) -> bool:
-        ran = False
-        while True:
-            try:
-                fn = self._cmds.get_nowait()
-            except queue.Empty:
-                return ran
-            ran = True
-            try:
-                fn()
-            except Exception:
-                log.exception("ucx: command failed on the UCX thread")

@@ -22,7 +22,7 @@ def _sizes(text: str) -> list[int]:
 def add_transfer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", default="tcp,shm", help="comma list of transports (default: tcp,shm)")
     p.add_argument("--size", type=_sizes, default="64MiB", help="bytes per transfer, comma list (default: 64MiB)")
-    p.add_argument("--block-size", type=_sizes, default="64KiB,256KiB,2MiB", help="block sizes, comma list")
+    p.add_argument("--block-size", type=_sizes, default="64KiB,256KiB,2MiB", help="block sizes, comma list (default: 64KiB,256KiB,2MiB)")
     p.add_argument("--workload", choices=["blocks", "llama8b", "tiny"], default="blocks",
                    help="blocks: size/block-size scattered blocks; llama8b/tiny: all layers of a real KV geometry")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per row (median reported; >= 3)")
@@ -143,9 +143,12 @@ def run_transfer(args: argparse.Namespace) -> int:
     if args.rounds < 3:
         err.print(f"error: --rounds: at least 3 rounds are needed for a median, got {args.rounds}")
         return 2
+    if args.streams is not None and args.streams < 1:
+        err.print(f"error: --streams: expected at least 1 connection, got {args.streams}")
+        return 2
     sizes = args.size if isinstance(args.size, list) else _sizes(args.size)
     blocks = args.block_size if isinstance(args.block_size, list) else _sizes(args.block_size)
-    options: dict[str, dict[str, Any]] = {"tcp": {"streams": args.streams}} if args.streams else {}
+    options: dict[str, dict[str, Any]] = {"tcp": {"streams": args.streams}} if args.streams is not None else {}
     if getattr(args, "ucx_error_handling", None):
         options["ucx"] = {"ucx_error_handling": args.ucx_error_handling}
     peers = [x.strip() for x in getattr(args, "peer", "").split(",") if x.strip()]

@@ -31,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--memory", metavar="SIZE", help="L1 size, e.g. 4GiB")
     p.add_argument("--disk", metavar="DIR", help="L2 directory")
     p.add_argument("--disk-size", metavar="SIZE", dest="disk_size", help="L2 size bound (default 10GiB)")
-    p.add_argument("--redis", metavar="URL", help="L3 Redis/Valkey URL")
+    p.add_argument("--redis", metavar="URL", help="L3 Redis/Valkey URL (no password in it)")
+    p.add_argument("--redis-password-env", metavar="NAME", dest="redis_password_env",
+                   help="environment variable holding the Redis password")
     p.add_argument("--chunk-tokens", type=int, dest="chunk_tokens", help="tokens per chunk (default 256)")
     p.add_argument("--lease-ttl", type=float, dest="lease_ttl", metavar="SECONDS",
                    help="pins of a client that died end after this (default 60)")
@@ -48,8 +50,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str
     base: str | None = None
     flags_tiers = [x for x in (args.memory, args.disk, args.redis) if x]
     if args.topology:
-        if flags_tiers:
-            raise ConfigError("give the tiers either in --topology's cache section or as flags, not both")
+        if flags_tiers or args.disk_size or args.chunk_tokens is not None or args.redis_password_env:
+            raise ConfigError("give the tiers (and --disk-size, --chunk-tokens, --redis-password-env) either in "
+                              "--topology's cache section or as flags, not both")
         topo = load_topology(args.topology)
         if topo.cache is None:
             raise ConfigError(f"{args.topology} has no cache section", path="cache")
@@ -65,9 +68,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str
         if args.disk:
             tiers.append({"kind": "disk", "path": args.disk, "size": args.disk_size or "10GiB"})
         elif args.disk_size:
-            raise ConfigError("--disk-size needs --disk DIR", path="--disk-size")
+            raise ConfigError("needs --disk DIR", path="--disk-size")
         if args.redis:
-            tiers.append({"kind": "redis", "url": args.redis})
+            redis: dict[str, Any] = {"kind": "redis", "url": args.redis}
+            if args.redis_password_env:
+                redis["password"] = {"env": args.redis_password_env}
+            tiers.append(redis)
+        elif args.redis_password_env:
+            raise ConfigError("needs --redis URL", path="--redis-password-env")
         data: dict[str, Any] = {"tiers": tiers}
         if args.chunk_tokens is not None:
             data["chunk_tokens"] = args.chunk_tokens
@@ -77,8 +85,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str
             config = CacheConfig.model_validate(data)
         except ValidationError as e:
             first = e.errors()[0]
-            where = ".".join(str(x) for x in first["loc"])
-            raise ConfigError(f"{first['msg']}", path=where) from None
+            msg = first["msg"].removeprefix("Value error, ")
+            if " got " not in msg and "input" in first:
+                msg = f"{msg}, got {first['input']!r}"
+            if "password: {env: VAR}" in msg:
+                msg = "the URL holds a password; give it with --redis-password-env NAME instead"
+            raise ConfigError(msg, path=_flag_of(first["loc"], tiers)) from None
     for key, flag in (("host", args.host), ("port", args.port), ("http_port", args.http_port),
                       ("lease_ttl_s", args.lease_ttl)):
         if flag is not None:
@@ -86,6 +98,17 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str
     if opts["http_port"] is None:
         opts["http_port"] = opts["port"] + 1 if opts["port"] else 0
     return config, opts, base
+
+
+def _flag_of(loc: tuple[Any, ...], tiers: list[dict[str, Any]]) -> str:
+    """The flag behind a validation error's location in the cache config built from flags."""
+    if loc and loc[0] == "tiers" and len(loc) > 1 and isinstance(loc[1], int) and loc[1] < len(tiers):
+        kind, field = tiers[loc[1]]["kind"], (loc[3] if len(loc) > 3 else "")
+        return {("memory", "size"): "--memory", ("disk", "path"): "--disk", ("disk", "size"): "--disk-size",
+                ("redis", "url"): "--redis", ("redis", "password"): "--redis-password-env"}.get((kind, field), f"--{kind}")
+    if loc and loc[0] == "chunk_tokens":
+        return "--chunk-tokens"
+    return ".".join(str(x) for x in loc)
 
 
 def run(args: argparse.Namespace) -> int:

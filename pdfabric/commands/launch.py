@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--dry-run", action="store_true", help="print the commands and environment, start nothing")
     p.add_argument("--demo", action="store_true", help="send the demo questions through the proxy, then stop")
     p.add_argument("--serve", action="store_true", help="with --demo: keep serving afterwards")
-    p.add_argument("--log-dir", type=Path, default=Path("pdfabric-logs"), help="one log file per process")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each group to be ready")
+    p.add_argument("--log-dir", type=Path, default=Path("pdfabric-logs"), help="one log file per process (default: pdfabric-logs)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each group (engines, proxy) to be ready (default: 600)")
     p.add_argument("--platform", choices=["auto", "cpu", "cuda"], default="auto",
                    help="engine environment: CPU core binding or CUDA devices (auto: from the installed vLLM)")
     p.set_defaults(func=run)

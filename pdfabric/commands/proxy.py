@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--topology", metavar="FILE", help="topology YAML: instances and proxy settings")
     p.add_argument("--prefill", action="append", default=[], metavar="URL@CONTROL", help="a prefill engine (repeatable)")
     p.add_argument("--decode", action="append", default=[], metavar="URL", help="a decode engine (repeatable)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--host", help="address to listen on (default: the topology's proxy.host, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default: the topology's proxy.port, else 8000; 0: any free port)")
     p.add_argument("--policy", choices=["round_robin", "least_loaded", "prefix_aware"])
     p.add_argument("--pairing", choices=["concurrent", "sequential"])
     p.add_argument("--min-tokens", type=int, dest="min_tokens", help="shorter prompts go to a decode engine alone")
@@ -92,6 +92,10 @@ def settings_and_registry(args: argparse.Namespace) -> tuple[Any, Any]:
         instances.append(Instance(f"decode-{n}", "decode", url.rstrip("/")))
     if not any(i.can_decode for i in instances):
         raise ConfigError("no decode instance: give --decode URL or a --topology with a decode/both instance")
+    if args.port is not None and not 0 <= args.port < 65536:
+        raise ConfigError(f"expected a port 1-65535 (0: any free port), got {args.port}", path="--port")
+    if args.min_tokens is not None and args.min_tokens < 0:
+        raise ConfigError(f"expected a token count >= 0, got {args.min_tokens}", path="--min-tokens")
     flags = {"host": args.host, "port": args.port, "policy": args.policy, "pairing": args.pairing,
              "disaggregate_min_tokens": args.min_tokens, "model": args.model,
              "health_interval_s": args.health_interval, "leg_timeout_s": args.leg_timeout}

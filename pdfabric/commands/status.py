@@ -3,13 +3,15 @@
 Asks the proxy (``/admin/instances``, ``/metrics``) for its instances, their health and
 in-flight load, and - with ``--topology FILE`` whose ``secret`` is set - each engine's
 connector for its transfers (received bytes, recent transfer GB/s, recomputes, held
-blocks). Exit 0, or 1 when the proxy cannot be reached.
+blocks; every connector counter is in ``--json``). Exit 0, 1 when the proxy cannot be
+reached, 2 when the topology file is unusable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -21,7 +23,7 @@ __all__ = ["register", "run"]
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("status", help="instances, health, load and transfers of a running deployment",
                               description="Show what a running pdfabric deployment is doing.")
-    p.add_argument("proxy", nargs="?", default="http://127.0.0.1:8000", help="the proxy's base URL")
+    p.add_argument("proxy", nargs="?", default="http://127.0.0.1:8000", help="the proxy's base URL (default: http://127.0.0.1:8000)")
     p.add_argument("--topology", metavar="FILE", help="also ask each engine's connector (needs the topology's secret)")
     p.add_argument("--api-key", help="the proxy's API key, if it has one")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -34,12 +36,15 @@ def _get(url: str, key: str | None) -> bytes:
         return r.read()
 
 
-def _connectors(topology: str) -> dict[str, dict[str, Any]]:
-    from pdfabric.config import load_topology
+def _connectors(topo: Any, topology: str) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """(each engine's connector status or error, a note when none could be asked)."""
     from pdfabric.connector.control import query_status
 
-    topo = load_topology(topology, check_secrets=True)
-    key = (topo.shared_secret() or "").encode()
+    secret = topo.shared_secret()
+    if secret is None:
+        return {}, (f"connectors not asked: {topology} names no secret (a launch of it gives its engines a "
+                    "per-launch secret that only they know); set `secret:` in the topology to see transfers")
+    key = secret.encode()
     out: dict[str, dict[str, Any]] = {}
     for i in topo.instances:
         if i.control_port is None:
@@ -52,10 +57,20 @@ def _connectors(topology: str) -> dict[str, dict[str, Any]]:
         moved = [(n, s) for _, n, s in (st.recent or st.pushed) if s > 0]
         gbps = sum(n for n, _ in moved) / max(sum(s for _, s in moved), 1e-9) / 1e9 if moved else None
         out[i.name] = {"counters": st.counters, "open_transfers": len(st.open_transfers), "recent_gbps": gbps}
-    return out
+    return out, None
 
 
 def run(args: argparse.Namespace) -> int:
+    topo = None
+    if args.topology:  # bad input first: exit 2 whether or not the proxy is up
+        from pdfabric.config import load_topology
+        from pdfabric.errors import ConfigError
+
+        try:
+            topo = load_topology(args.topology, check_secrets=True)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     base = args.proxy.rstrip("/")
     try:
         instances = json.loads(_get(base + "/admin/instances", args.api_key))["instances"]
@@ -63,15 +78,21 @@ def run(args: argparse.Namespace) -> int:
     except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
         print(f"error: cannot read the proxy at {base}: {e}", file=sys.stderr)
         return 1
-    conn = _connectors(args.topology) if args.topology else {}
+    conn: dict[str, dict[str, Any]] = {}
+    note = None
+    if topo is not None:
+        conn, note = _connectors(topo, args.topology)
     if args.json:
-        print(json.dumps({"instances": instances, "connectors": conn, "metrics": metrics}, indent=2))
+        doc: dict[str, Any] = {"instances": instances, "connectors": conn, "metrics": metrics}
+        if note:
+            doc["connectors_note"] = note
+        print(json.dumps(doc, indent=2))
         return 0
-    _print(instances, metrics, conn)
+    _print(instances, metrics, conn, note)
     return 0
 
 
-def _print(instances: list[dict[str, Any]], metrics: str, conn: dict[str, dict[str, Any]]) -> None:
+def _print(instances: list[dict[str, Any]], metrics: str, conn: dict[str, dict[str, Any]], note: str | None) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -88,7 +109,14 @@ def _print(instances: list[dict[str, Any]], metrics: str, conn: dict[str, dict[s
                   f"{k.get('received_bytes', 0) / 2**20:.1f} MiB" if k else "-",
                   "-" if gbps is None else f"{gbps:.2f}", str(k.get("recomputes", "-")), str(k.get("held_requests", "-")))
     console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 160  # piped: do not squeeze the table to 80 columns
     console.print(t)
+    for name, c in conn.items():
+        if "error" in c:
+            console.print(f"connector of {name}: {c['error']}", highlight=False, markup=False)
+    if note:
+        console.print(note, highlight=False, markup=False)
     lines = [ln for ln in metrics.splitlines() if ln.startswith(("pdfabric_proxy_requests_total", "pdfabric_proxy_decode_alone",
                                                                    "pdfabric_proxy_prefill_failures", "pdfabric_proxy_errors"))]
     console.print("\n".join(lines), highlight=False, markup=False)

@@ -74,6 +74,7 @@ def test_bench_bad_flags_exit_2_without_traceback() -> None:
         (["--transport", "carrier-pigeon"], "carrier-pigeon"),
         (["--transport", "tcp", "--rounds", "1"], "--rounds"),
         (["--transport", "tcp", "--size", "12 parsecs"], "12 parsecs"),
+        (["--transport", "tcp", "--streams", "0"], "--streams: expected at least 1 connection, got 0"),
     ):
         r = _run("bench", "transfer", *args, timeout=60)
         assert r.returncode == 2, (args, r.returncode, r.stderr)

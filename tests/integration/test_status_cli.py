@@ -36,3 +36,46 @@ def test_status_lists_instances_health_and_load(make_stack: Callable[..., Stack]
 def test_status_without_a_proxy_says_so() -> None:
     r = status("http://127.0.0.1:9")
     assert r.returncode == 1 and "cannot read the proxy at http://127.0.0.1:9" in r.stderr
+
+
+def _topology(tmp_path, secret: str = "") -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "configs" / "cpu-1p1d-tcp.yaml").read_text()
+    path = tmp_path / "topo.yaml"
+    path.write_text(text + secret)
+    return str(path)
+
+
+def test_status_with_a_topology_without_secret_says_why_connectors_are_not_asked(
+        make_stack: Callable[..., Stack], tmp_path) -> None:  # fmt: skip
+    s = make_stack(prefills=1, decodes=1)
+    topo = _topology(tmp_path)
+    r = status(s.url, "--topology", topo, "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["connectors"] == {} and "names no secret" in data["connectors_note"]
+    table = status(s.url, "--topology", topo)
+    assert table.returncode == 0 and "connectors not asked" in table.stdout and "set `secret:`" in table.stdout
+
+
+def test_status_shows_a_connector_that_does_not_answer(make_stack: Callable[..., Stack], tmp_path) -> None:
+    s = make_stack(prefills=1, decodes=1)
+    topo = _topology(tmp_path, "secret: {env: PDFABRIC_STATUS_TEST_SECRET}\n")
+    env = {"COLUMNS": "200", "PATH": "/usr/bin:/bin", "PDFABRIC_STATUS_TEST_SECRET": "s3cret"}
+    r = subprocess.run([sys.executable, "-m", "pdfabric.cli", "status", s.url, "--topology", topo],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    # no engine runs behind the control ports of cpu-1p1d-tcp.yaml (8101, 8201): each says so
+    assert "connector of prefill-0:" in r.stdout and "connector of decode-0:" in r.stdout
+
+
+@pytest.mark.parametrize("proxy_up", [True, False])
+def test_status_with_an_unusable_topology_exits_2_without_a_traceback(
+        make_stack: Callable[..., Stack], tmp_path, proxy_up: bool) -> None:  # fmt: skip
+    url = make_stack(prefills=1, decodes=1).url if proxy_up else "http://127.0.0.1:9"
+    missing = status(url, "--topology", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "nope.yaml" in missing.stderr and "Traceback" not in missing.stderr
+    unset = status(url, "--topology", _topology(tmp_path, "secret: {env: PDFABRIC_STATUS_UNSET_SECRET}\n"))
+    assert unset.returncode == 2 and "PDFABRIC_STATUS_UNSET_SECRET" in unset.stderr
+    assert "Traceback" not in unset.stderr

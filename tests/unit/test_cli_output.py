@@ -44,9 +44,10 @@ def test_status_table_shows_an_error_with_brackets(capsys: pytest.CaptureFixture
 
     inst = {"name": "decode-0", "role": "decode", "url": "http://127.0.0.1:1", "draining": False,
             "healthy": False, "last_error": "[/x] refused", "in_flight": 0, "served": 0}
-    _print([inst], 'pdfabric_proxy_errors_total{kind="[/x]"} 1', {})
+    _print([inst], 'pdfabric_proxy_errors_total{kind="[/x]"} 1', {"decode-0": {"error": "[/y] no reply"}}, None)
     out = capsys.readouterr().out
     assert "down [/x] refused" in out and 'kind="[/x]"' in out
+    assert "connector of decode-0: [/y] no reply" in out
 
 
 def test_proc_tail_is_the_log_as_written(tmp_path: Path) -> None:

@@ -109,3 +109,13 @@ def test_cache_flags() -> None:
         with pytest.raises(ConfigError) as info:
             settings_and_registry(_args("--decode", "http://127.0.0.1:8200", *argv))
         assert info.value.path == path
+
+
+def test_proxy_port_and_min_tokens_flags_are_checked() -> None:
+    ok, _ = settings_and_registry(_args("--decode", "http://127.0.0.1:8200", "--port", "0", "--min-tokens", "0"))
+    assert (ok.port, ok.disaggregate_min_tokens) == (0, 0)
+    for argv, path, words in ((("--port", "70000"), "--port", "got 70000"), (("--port", "-1"), "--port", "got -1"),
+                              (("--min-tokens", "-5"), "--min-tokens", "got -5")):
+        with pytest.raises(ConfigError) as info:
+            settings_and_registry(_args("--decode", "http://127.0.0.1:8200", *argv))
+        assert info.value.path == path and words in str(info.value)

@@ -283,4 +283,43 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--memory" in r.stderr
     r = subprocess.run([sys.executable, "-m", "pdfabric.cli", "cache-server", "--memory", "lots"],
                        capture_output=True, text=True, timeout=30)
-    assert r.returncode == 2 and "tiers.0" in r.stderr
+    assert r.returncode == 2 and "--memory: expected a size like '4GiB'" in r.stderr and "got 'lots'" in r.stderr
+    assert "Traceback" not in r.stderr and "Value error" not in r.stderr
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--memory", "1GiB", "--disk", "/tmp/x", "--disk-size", "3zz"], "--disk-size: expected a size"),
+    (["--memory", "1GiB", "--chunk-tokens", "0"], "--chunk-tokens: "),
+    (["--memory", "1GiB", "--redis", "redis://u:pw@h/0"], "--redis: the URL holds a password; give it with --redis-password-env"),
+    (["--memory", "1GiB", "--redis-password-env", "X"], "--redis-password-env: needs --redis URL"),
+    (["--memory", "1GiB", "--disk-size", "1GiB"], "--disk-size: needs --disk DIR"),
+    (["--topology", "TOPO", "--chunk-tokens", "128"], "either in --topology's cache section or as flags"),
+    (["--topology", "TOPO", "--disk-size", "1GiB"], "either in --topology's cache section or as flags"),
+])
+def test_bad_flag_combinations_name_the_flag(argv: list[str], expected: str) -> None:
+    import argparse
+
+    from pdfabric.commands import cache_server
+    from pdfabric.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    cache_server.register(parser.add_subparsers())
+    topo = str(Path(__file__).parents[3] / "configs" / "cpu-1p1d-cache.yaml")
+    args = parser.parse_args(["cache-server", *[topo if a == "TOPO" else a for a in argv]])
+    with pytest.raises(ConfigError) as e:
+        cache_server.config_from_args(args)
+    assert expected in str(e.value)
+
+
+def test_the_redis_password_comes_from_the_named_variable() -> None:
+    import argparse
+
+    from pdfabric.commands import cache_server
+
+    parser = argparse.ArgumentParser()
+    cache_server.register(parser.add_subparsers())
+    args = parser.parse_args(["cache-server", "--memory", "1GiB", "--redis", "redis://127.0.0.1:6379/0",
+                              "--redis-password-env", "PDFABRIC_TEST_REDIS_PW"])
+    config, _, _ = cache_server.config_from_args(args)
+    redis = config.tiers[1]
+    assert redis.kind == "redis" and redis.password is not None and redis.password.describe() == "env PDFABRIC_TEST_REDIS_PW"

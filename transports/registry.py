@@ -19,7 +19,8 @@ TRANSPORTS: dict[str, tuple[str, str, str]] = {
     "shm": ("pdfabric.transports.shm", "ShmTransport", ""),
     "loopback": ("pdfabric.transports.loopback", "LoopbackTransport", ""),
     "nixl": ("pdfabric.transports.nixl", "NixlTransport",
-             "pip install --no-deps nixl nixl-cu12 nixl-cu13 (or pip install 'pdfabric[nixl]')"),
+             "pip install --no-deps nixl nixl-cu12 nixl-cu13 (--no-deps keeps the installed torch build; "
+             "pip install 'pdfabric[nixl]' pulls torch from PyPI where none is installed yet)"),
     "ucx": ("pdfabric.transports.ucx", "UcxTransport",
             "pip install ucxx-cu12==0.52.0 libucx-cu12==1.21.0 (or pip install 'pdfabric[ucx]'); no GPU needed"),
     "cuda_ipc": ("pdfabric.transports.cuda_ipc", "CudaIpcTransport", "pip install 'pdfabric[cuda]' on a CUDA machine"),

@@ -108,6 +108,10 @@ def check_roles(topo: Topology) -> list[Problem]:
         if inst.can_prefill and inst.control_port is None:
             problems.append((f"instances[{i}].control_port",
                              f"a {inst.role} instance needs a control_port: decode engines dial it for the KV"))
+        if 0 < len(inst.devices) < inst.tensor_parallel_size:
+            problems.append((f"instances[{i}].devices",
+                             f"tensor_parallel_size {inst.tensor_parallel_size} needs a device per rank; "
+                             f"{len(inst.devices)} listed"))
     return problems
 
 
@@ -117,9 +121,14 @@ def _bound_ports(topo: Topology) -> list[tuple[str, str, int]]:
         ports.append((f"instances[{i}].port", inst.host, inst.port))
         if inst.control_port is not None:
             ports.append((f"instances[{i}].control_port", inst.host, inst.control_port))
+            for rank in range(1, inst.tensor_parallel_size):  # each tensor-parallel rank binds port + rank
+                ports.append((f"instances[{i}].control_port (+{rank}, tensor-parallel rank {rank})",
+                              inst.host, inst.control_port + rank))
     if topo.cache is not None and topo.cache.server is not None:
-        ports.append(("cache.server.port", topo.cache.server.host, topo.cache.server.port))
-        ports.append(("cache.server.http_port", topo.cache.server.host, topo.cache.server.http))
+        srv = topo.cache.server
+        ports.append(("cache.server.port", srv.host, srv.port))
+        http = "cache.server.http_port" if srv.http_port is not None else "cache.server.http_port (port + 1)"
+        ports.append((http, srv.host, srv.http))
     ports.append(("proxy.port", topo.proxy.host, topo.proxy.port))
     return ports
 
@@ -129,6 +138,9 @@ def check_ports(topo: Topology) -> list[Problem]:
     ports = _bound_ports(topo)
     problems: list[Problem] = []
     for n, (path, host, port) in enumerate(ports):
+        if port > 65535:  # a derived port (rank offset, http = port + 1); the set ones are range-checked
+            problems.append((path, f"comes to {port}, past the last port 65535"))
+            continue
         for other, other_host, other_port in ports[:n]:
             if port == other_port and _may_collide(host, other_host):
                 where = "" if host == other_host else f" ({other_host} and {host} overlap)"

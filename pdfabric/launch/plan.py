@@ -91,7 +91,9 @@ def _engine(topo: Topology, inst: Instance, topology_file: Path, model_dir: Path
     elif inst.devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in inst.devices)
     env.update(inst.env)
-    ports = [(inst.host, inst.port)] + ([(inst.host, inst.control_port)] if inst.control_port else [])
+    ports = [(inst.host, inst.port)]
+    if inst.control_port:  # each tensor-parallel rank's connector binds control_port + rank
+        ports += [(inst.host, inst.control_port + r) for r in range(inst.tensor_parallel_size)]
     cpus = tuple(inst.devices) if platform == "cpu" else ()
     return ProcSpec(inst.name, "engine", argv, env, f"http://{inst.host}:{inst.port}/health", tuple(ports), cpus)
 

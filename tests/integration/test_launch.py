@@ -108,6 +108,30 @@ def test_port_clash_is_refused_at_preflight(tmp_path: Path) -> None:
     assert not (tmp_path / "logs" / "pids.json").exists()
 
 
+def test_a_tensor_parallel_ranks_control_port_in_use_is_refused_at_preflight(tmp_path: Path) -> None:
+    topo = write_topology(tmp_path / "t.yaml")
+    data = yaml.safe_load(topo.read_text())
+    prefill = data["instances"][0]
+    prefill["tensor_parallel_size"], prefill["devices"] = 2, [0, 1]
+    with socket.socket() as s:
+        for _ in range(20):  # a control port whose rank-1 neighbour we can hold
+            cp = free_port()
+            try:
+                s.bind(("127.0.0.1", cp + 1))
+                break
+            except OSError:
+                continue
+        else:
+            pytest.fail("found no free pair of ports")
+        s.listen()
+        prefill["control_port"] = cp
+        topo.write_text(yaml.safe_dump(data))
+        r = launch(str(topo), "--log-dir", str(tmp_path / "logs"))
+    assert r.returncode == 2, r.stderr
+    assert f"port 127.0.0.1:{cp + 1} (prefill-0) is not free" in r.stderr
+    assert not (tmp_path / "logs" / "pids.json").exists()
+
+
 def test_connections_of_a_previous_run_in_time_wait_do_not_block_a_relaunch() -> None:
     """A launch right after another one ended: the ports still have TIME_WAIT connections
     (the side that closed first keeps them ~60 s), and nothing listens. Preflight must not

@@ -197,6 +197,25 @@ def test_duplicate_ports_name_both_places() -> None:
     assert "proxy.port: 8101 is already used by instances[0].control_port" in msg
 
 
+def test_tensor_parallel_ranks_bind_control_ports_that_must_not_collide() -> None:
+    tp = GOOD.replace("    control_port: 8101\n    devices: [0]", "    control_port: 8101\n    devices: [0, 1]\n"
+                      "    tensor_parallel_size: 2")
+    assert "tensor_parallel_size: 2" in tp
+    load = parse_topology(tp, source="t.yaml")  # 8101 and 8102 are free
+    assert load.instances[0].tensor_parallel_size == 2
+    msg = config_error(tp.replace("control_port: 8201", "control_port: 8102"))
+    assert "instances[1].control_port: 8102 is already used by instances[0].control_port (+1, tensor-parallel rank 1)" in msg
+    msg = config_error(tp.replace("devices: [0, 1]", "devices: [0]"))
+    assert "instances[0].devices: tensor_parallel_size 2 needs a device per rank; 1 listed" in msg
+    msg = config_error(tp.replace("control_port: 8101", "control_port: 65535"))
+    assert "instances[0].control_port (+1, tensor-parallel rank 1): comes to 65536, past the last port 65535" in msg
+
+
+def test_a_derived_cache_http_port_past_65535_is_refused() -> None:
+    msg = config_error(GOOD + "cache:\n  server: {port: 65535}\n  tiers: [{kind: memory, size: 1GiB}]\n")
+    assert "cache.server.http_port (port + 1): comes to 65536, past the last port 65535" in msg
+
+
 def test_wildcard_host_collides_with_loopback() -> None:
     msg = config_error(GOOD.replace("  port: 8000", "  host: 0.0.0.0\n  port: 8200"))
     assert "proxy.port: 8200 is already used by instances[1].port" in msg

@@ -88,8 +88,8 @@ def parse_topology(
     except ValidationError as exc:
         problems = [(p, m + _line_of(root, p)) for p, m in _problems(exc)]
         raise problems_error(problems, source) from None
-    if check_secrets:
-        topology.check_secrets()
+    if check_secrets and (missing := topology.secret_problems()):
+        raise problems_error([(p, m + _line_of(root, p)) for p, m in missing], source)
     return topology
 
 

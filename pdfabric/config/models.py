@@ -531,13 +531,17 @@ class Topology(_Frozen):
         """Every secret reference in the topology with its path (``proxy.api_keys``)."""
         return list(_walk_secrets(self, ""))
 
-    def check_secrets(self) -> None:
-        """Raise ``ConfigError`` listing every secret that cannot be read right now."""
-        problems = [
+    def secret_problems(self) -> list[tuple[str, str]]:
+        """(path, message) of every secret that cannot be read right now."""
+        return [
             (path, msg)
             for path, ref in self.secret_refs()
             if (msg := secret_problem(ref, base_dir=self._base_dir)) is not None
         ]
+
+    def check_secrets(self) -> None:
+        """Raise ``ConfigError`` listing every secret that cannot be read right now."""
+        problems = self.secret_problems()
         if problems:
             raise problems_error(problems, self._source)
 

@@ -319,7 +319,8 @@ def test_missing_secret_file_reported_at_check_time(tmp_path: Path) -> None:
     topology = load_topology(path)  # references are not read while loading
     with pytest.raises(ConfigError) as info:
         load_topology(path, check_secrets=True)
-    assert str(info.value) == f"{path}: secret: secret file {tmp_path / 'hmac.key'} does not exist"
+    line = (GOOD + "secret: {file: hmac.key}\n").splitlines().index("secret: {file: hmac.key}") + 1
+    assert str(info.value) == f"{path}: secret: secret file {tmp_path / 'hmac.key'} does not exist (line {line})"
     assert info.value.path == "secret"
     (tmp_path / "hmac.key").write_text("s3cret\n")
     load_topology(path, check_secrets=True)

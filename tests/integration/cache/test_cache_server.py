@@ -288,7 +288,7 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
-    (["--memory", "1GiB", "--disk", "/tmp/x", "--disk-size", "3zz"], "--disk-size: expected a size"),
+    (["--memory", "1GiB", "--disk", "cache-dir", "--disk-size", "3zz"], "--disk-size: expected a size"),
     (["--memory", "1GiB", "--chunk-tokens", "0"], "--chunk-tokens: "),
     (["--memory", "1GiB", "--redis", "redis://u:pw@h/0"], "--redis: the URL holds a password; give it with --redis-password-env"),
     (["--memory", "1GiB", "--redis-password-env", "X"], "--redis-password-env: needs --redis URL"),

@@ -37,14 +37,11 @@ def _get(url: str, key: str | None) -> bytes:
 
 
 def _connectors(topo: Any, topology: str) -> tuple[dict[str, dict[str, Any]], str | None]:
-    """(each engine's connector status or error, a note when none could be asked)."""
+    """(each engine's connector status or error, a note when a missing secret is the likely cause)."""
     from pdfabric.connector.control import query_status
 
     secret = topo.shared_secret()
-    if secret is None:
-        return {}, (f"connectors not asked: {topology} names no secret (a launch of it gives its engines a "
-                    "per-launch secret that only they know); set `secret:` in the topology to see transfers")
-    key = secret.encode()
+    key = (secret or "").encode()  # engines started without any secret answer an empty key
     out: dict[str, dict[str, Any]] = {}
     for i in topo.instances:
         if i.control_port is None:
@@ -57,6 +54,9 @@ def _connectors(topo: Any, topology: str) -> tuple[dict[str, dict[str, Any]], st
         moved = [(n, s) for _, n, s in (st.recent or st.pushed) if s > 0]
         gbps = sum(n for n, _ in moved) / max(sum(s for _, s in moved), 1e-9) / 1e9 if moved else None
         out[i.name] = {"counters": st.counters, "open_transfers": len(st.open_transfers), "recent_gbps": gbps}
+    if secret is None and out and all("error" in c for c in out.values()):
+        return out, (f"no connector answered, and {topology} names no secret: a launch of it gives its engines a "
+                     "per-launch secret that only they know; set `secret:` in the topology to see transfers")
     return out, None
 
 
@@ -114,9 +114,9 @@ def _print(instances: list[dict[str, Any]], metrics: str, conn: dict[str, dict[s
     console.print(t)
     for name, c in conn.items():
         if "error" in c:
-            console.print(f"connector of {name}: {c['error']}", highlight=False, markup=False)
+            console.print(f"connector of {name}: {c['error']}", highlight=False, markup=False, soft_wrap=True)
     if note:
-        console.print(note, highlight=False, markup=False)
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
     lines = [ln for ln in metrics.splitlines() if ln.startswith(("pdfabric_proxy_requests_total", "pdfabric_proxy_decode_alone",
                                                                    "pdfabric_proxy_prefill_failures", "pdfabric_proxy_errors"))]
     console.print("\n".join(lines), highlight=False, markup=False)

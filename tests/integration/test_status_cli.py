@@ -47,16 +47,19 @@ def _topology(tmp_path, secret: str = "") -> str:
     return str(path)
 
 
-def test_status_with_a_topology_without_secret_says_why_connectors_are_not_asked(
+def test_status_with_a_topology_without_secret_says_why_no_connector_answered(
         make_stack: Callable[..., Stack], tmp_path) -> None:  # fmt: skip
     s = make_stack(prefills=1, decodes=1)
     topo = _topology(tmp_path)
     r = status(s.url, "--topology", topo, "--json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
-    assert data["connectors"] == {} and "names no secret" in data["connectors_note"]
+    assert set(data["connectors"]) == {"prefill-0", "decode-0"}
+    assert all("error" in c for c in data["connectors"].values())
+    assert "names no secret" in data["connectors_note"]
     table = status(s.url, "--topology", topo)
-    assert table.returncode == 0 and "connectors not asked" in table.stdout and "set `secret:`" in table.stdout
+    assert table.returncode == 0 and "no connector answered" in table.stdout and "set `secret:`" in table.stdout
+    assert "connector of prefill-0:" in table.stdout
 
 
 def test_status_shows_a_connector_that_does_not_answer(make_stack: Callable[..., Stack], tmp_path) -> None:

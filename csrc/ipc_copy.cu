@@ -1,8 +1,8 @@
 // cuda_ipc: copy rows of (src, dst, len) device to device, one row per blockIdx.y;
 // 16-byte vectors when both ends are aligned, bytes otherwise. Built at run time by
 // transports/_cuda_ipc_device.py with cupy.RawKernel (name pdfabric_ipc_copy).
-#define THREADS 256
-#define UNROLL 4
+#define THREADS 512
+#define UNROLL 8
 #define CHUNK_VEC (THREADS * UNROLL)
 typedef unsigned long long u64;
 

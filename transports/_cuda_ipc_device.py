@@ -20,9 +20,12 @@ really maps (``cuMemGetAddressRange``), so a wrong size cannot make us read past
 warning).
 
 *Copy.* One kernel launch moves every row of a frame: a 2-D grid, ``blockIdx.y`` picks the
-row, ``blockIdx.x`` strides over it in 16 KiB chunks of 16-byte vectors (bytes at a time
+row, ``blockIdx.x`` strides over it in 64 KiB chunks of 16-byte vectors (bytes at a time
 when a row is not 16-byte aligned). The row table goes to the device with the launch, on
-the same stream. A launch is one Python call instead of one ``cudaMemcpyAsync`` per block
+the same stream, from page-locked memory (an asynchronous copy: ~10 us where ``cp.asarray``
+from pageable memory took ~22 us on an H200 host). 512-thread CTAs, four an SM, 8 vectors
+in flight a thread: 0.91-0.92x of a contiguous device copy on an H200 where 256 threads
+and 4 vectors reached 0.89. A launch is one Python call instead of one ``cudaMemcpyAsync`` per block
 (~3 us each, more than a 2 MiB block takes to copy). When the kernel cannot be built
 (no NVRTC) or the source is not reachable from our device (same process, another GPU),
 rows go one ``cudaMemcpyAsync`` each (``cudaMemcpyDefault``). ``wait`` synchronizes the
@@ -54,11 +57,11 @@ __all__ = ["CudaDevice", "DeviceOps", "Launched", "imports_open", "launch_shape"
 
 log = logging.getLogger("pdfabric.transports")
 
-_THREADS = 256
-_UNROLL = 4
+_THREADS = 512
+_UNROLL = 8
 _CHUNK = _THREADS * _UNROLL * 16  # bytes per CTA per step
 _MAX_GRID_Y = 65535
-_CTAS_PER_SM = 8  # 256-thread CTAs: one full wave
+_CTAS_PER_SM = 4  # 512-thread CTAs: one full wave (2048 threads an SM)
 _DEVICE_MEMORY = 2  # cudaMemoryTypeDevice
 _KIND = {0: "host", 1: "pinned host", 2: "device", 3: "managed"}
 
@@ -349,10 +352,19 @@ class CudaDevice:
         return self._use_kernel
 
     def _launch_kernel(self, rows: np.ndarray) -> Any:
-        table = self._cp.asarray(np.ascontiguousarray(rows, dtype=np.uint64))  # on the current (our) stream
+        """Queue the row table's upload and the kernel on the current (our) stream; returns
+        what must live until the copy's event completes: the page-locked table and its
+        device copy. The upload from page-locked memory is asynchronous (``cp.asarray``
+        from pageable memory blocks this thread for the copy)."""
+        cp = self._cp
+        pinned = cp.cuda.alloc_pinned_memory(rows.size * 8)  # from cupy's page-locked pool
+        host = np.frombuffer(pinned, dtype=np.uint64, count=rows.size).reshape(rows.shape)
+        host[...] = rows
+        table = cp.empty(rows.shape, dtype=cp.uint64)
+        table.set(host, stream=cp.cuda.get_current_stream())
         for first, gx, count in launch_shape(rows[:, 2].tolist(), self._ctas):
             self._kernel((gx, count), (_THREADS,), (table, np.uint32(first)))
-        return table
+        return (table, pinned)
 
     def shutdown(self) -> None:
         with self._lock:

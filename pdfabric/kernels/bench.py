@@ -2,7 +2,8 @@
 
 ``python -m pdfabric.kernels --bench`` builds a KV cache per layout on the GPU, gathers
 ``--ids`` random distinct blocks of every layer, checks the bytes against the torch
-backend, then times (median of ``--iters`` CUDA-event timings after warm-up) the gather
+backend, then times (median of ``--iters`` CUDA-event timings after warm-up, each call
+queued behind a GPU-side wait so the events time the device's work) the gather
 kernel, the scatter kernel, the torch backend's per-layer ``index_select``, and a plain
 ``copy_`` of the same number of bytes (the baseline, measured in the same run). Bandwidth
 counts bytes read plus bytes written. The device's spec bandwidth (memory clock x bus
@@ -40,6 +41,7 @@ class BandwidthResult:
     torch_gather_gbps: float
     copy_gbps: float
     peak_gbps: float | None
+    launch_us: float = 0.0  # host time to enqueue one gather call (not in the bandwidth)
 
     @property
     def gather_ratio(self) -> float:
@@ -61,7 +63,8 @@ class BandwidthResult:
             f"{self.num_ids} ids, {self.staging_bytes / 2**20:.0f} MiB staged: "
             f"gather {self.gather_gbps:.0f} GB/s ({self.gather_ratio:.2f}x copy{peak(self.gather_gbps)}), "
             f"scatter {self.scatter_gbps:.0f} GB/s ({self.scatter_ratio:.2f}x copy{peak(self.scatter_gbps)}), "
-            f"torch index_select {self.torch_gather_gbps:.0f} GB/s, copy {self.copy_gbps:.0f} GB/s"
+            f"torch index_select {self.torch_gather_gbps:.0f} GB/s, copy {self.copy_gbps:.0f} GB/s, "
+            f"gather enqueued in {self.launch_us:.0f} us"
             + (f", spec {self.peak_gbps:.0f} GB/s" if self.peak_gbps else "")
         )
 
@@ -77,20 +80,36 @@ def layer_shape(layout: str, num_blocks: int, block_size: int, kv_heads: int, he
     raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
 
 
-def _median_ms(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
+_HOLD_CYCLES = 4_000_000  # a GPU-side wait before each timed call: 2 ms at 2 GHz
+
+
+def _median_ms(fn: Callable[[], object], iters: int, warmup: int = 3) -> tuple[float, float]:
+    """(median device milliseconds of ``fn``'s work, median host microseconds to enqueue it).
+
+    Before each timed call the stream is held by a spin kernel (``torch.cuda._sleep``), so
+    the call's work is queued before the GPU reaches the start event: the events time the
+    kernels, not the host's launch overhead (which varies with the machine's load and would
+    otherwise count whenever the GPU finished faster than the host enqueued the next call).
+    The enqueue time is reported on its own.
+    """
+    import time
+
     import torch
 
     for _ in range(warmup):
         fn()
-    times = []
+    times, host = [], []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(_HOLD_CYCLES)
         start.record()
+        t0 = time.perf_counter()
         fn()
+        host.append(time.perf_counter() - t0)
         end.record()
         times.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in times)
+        torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in times), 1e6 * statistics.median(host)
 
 
 def _spec_gbps(device_index: int) -> float | None:
@@ -135,12 +154,13 @@ def kernel_bandwidth(
     if not torch.equal(staging.view(torch.uint8), reference.view(torch.uint8)):
         raise RuntimeError(f"{layout}: the gather kernel's bytes differ from the torch backend's")
     copy_dst = torch.empty_like(staging)
-    ms = {
+    timed = {
         "gather": _median_ms(lambda: gather_blocks(layers, ids, staging, backend="cuda"), iters),
         "scatter": _median_ms(lambda: scatter_blocks(layers, ids, staging, backend="cuda"), iters),
         "torch": _median_ms(lambda: gather_blocks(layers, ids, reference, backend="torch"), iters),
         "copy": _median_ms(lambda: copy_dst.copy_(staging), iters),
     }
+    ms = {k: v[0] for k, v in timed.items()}
     nbytes = staging.numel() * staging.element_size()
     gbps = {k: 2 * nbytes / (v * 1e-3) / _GB for k, v in ms.items()}
     return BandwidthResult(
@@ -155,6 +175,7 @@ def kernel_bandwidth(
         torch_gather_gbps=gbps["torch"],
         copy_gbps=gbps["copy"],
         peak_gbps=_spec_gbps(device.index),
+        launch_us=timed["gather"][1],
     )
 
 

@@ -110,9 +110,19 @@ def test_rows_beyond_one_launch_go_in_several(cpu_kernel: ctypes.CDLL) -> None:
 
 
 def test_launch_shape_aims_at_one_wave() -> None:
-    chunk = 256 * 4 * 16
+    chunk = dev._CHUNK
     assert dev.launch_shape([2 << 20] * 128, 1056) == [(0, 8, 128)]  # 1056 // 128 CTAs per row
     assert dev.launch_shape([64 << 10] * 1000, 1056) == [(0, 1, 1000)]
     assert dev.launch_shape([256 << 20], 1056) == [(0, 1056, 1)]  # one row: the whole wave strides over it
     assert dev.launch_shape([chunk // 2], 1056) == [(0, 1, 1)]
     assert dev.launch_shape([], 1056) == []
+
+
+def test_launch_constants_match_the_kernel_source() -> None:
+    import re
+
+    src = dev._kernel_source()
+    defined = {k: int(v) for k, v in re.findall(r"^#define (THREADS|UNROLL) (\d+)$", src, re.MULTILINE)}
+    assert defined == {"THREADS": dev._THREADS, "UNROLL": dev._UNROLL}
+    assert dev._CHUNK == dev._THREADS * dev._UNROLL * 16
+    assert dev._THREADS * dev._CTAS_PER_SM == 2048  # one full wave: the most threads an SM holds

@@ -40,6 +40,14 @@ class Approval:
     token: object
     nbytes: int
     digest: bytes
+    offer: bool = False  # made by an Offer, before any Ask
+    begun: bool = False  # an offer its peer said it is writing with (Begin)
+    withdrawing: bool = False  # Withdraw sent; the token ends on Withdrawn, Done or Cancel
+
+    @property
+    def writing(self) -> bool:
+        """A write is known to be under way: asked for, or an offer in use."""
+        return not self.offer or self.begun
 
 
 @dataclass(eq=False)
@@ -60,6 +68,14 @@ class Peer:
     writes: dict[int, Write] = field(default_factory=dict)
     tids: set[str] = field(default_factory=set)  # guarded by the transport's lock
     approved: dict[int, Approval] = field(default_factory=dict)
+    offers: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # its offers to us: tid -> (seq, segs)
+    known_epoch: int = -1  # our registrations it knows (receiver side)
 
     def owes(self) -> bool:
-        return bool(self.writes or self.approved or (self.hello is not None and not self.hello.done()))
+        """It owes us an answer: its silence counts toward ``peer_timeout_s`` (offers it
+        has not taken up do not: most are never used)."""
+        return bool(
+            self.writes
+            or any(a.writing or a.withdrawing for a in self.approved.values())
+            or (self.hello is not None and not self.hello.done())
+        )

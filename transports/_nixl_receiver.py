@@ -1,8 +1,9 @@
 """The receiver role of the ``nixl`` transport.
 
-A peer writes into our memory only after we approved its Ask (see ``transports/nixl.py``):
-``_on_ask`` checks the destination segments against the grant table (Rule 1, the same
-``GrantTable.begin_write`` tcp and shm run per frame) and remembers the approval;
+A peer writes into our memory only after we approved its Ask or offered it the grant (see
+``transports/nixl.py``): ``_on_ask`` checks the destination segments against the grant
+table (Rule 1, the same ``GrantTable.begin_write`` tcp and shm run per frame) and
+remembers the approval; ``_offer`` approves a whole grant to the peers before they ask;
 ``_on_done`` matches the WRITE's notification to it - transfer id, byte count and the
 digest of the segments - and completes the grant (Rule 2) or reports the violation.
 Every method here runs on the transport's NIXL thread, except ``grant`` and ``_kill_conn``.
@@ -11,7 +12,7 @@ Every method here runs on the transport's NIXL thread, except ``grant`` and ``_k
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from pdfabric.errors import FrameError, GrantRefused, TransferAborted
 from pdfabric.memory import Region
@@ -40,6 +41,8 @@ class ReceiverRole:
     _pids: "PidWatch"
     _approved_tids: set[str]
     _reg_rows: list[tuple[int, int, int, int]]
+    _offers: dict[str, dict[int, Peer]]  # tid -> offer seq -> the peer holding it
+    _offer_seq: Iterator[int]
 
     if TYPE_CHECKING:  # provided by NixlTransport
 
@@ -51,7 +54,79 @@ class ReceiverRole:
 
     def grant(self, transfer_id: str, regions: Sequence[Region]) -> None:
         super().grant(transfer_id, regions)  # type: ignore[misc]  # GrantReceiver
-        self._io.wake()  # an Ask may follow soon: poll warm
+        self._io.submit(lambda: self._offer(transfer_id))
+
+    # -- offers ---------------------------------------------------------------------------
+    def _offer(self, tid: str, peers: list[Peer] | None = None) -> None:
+        """Offer the live grant ``tid`` to ``peers`` (default: every peer that said Hello):
+        an approval of the whole grant, sent before anyone asks. A sender whose write fills
+        the grant exactly writes at once, without an Ask and its round trip."""
+        offered = self._offers.setdefault(tid, {})
+        packed = b""
+        for p in list(self._peers.values()) if peers is None else peers:
+            if not p.said_hello or p.gone is not None or p in offered.values():
+                continue
+            held = self._grants.hold(tid, p)
+            if held is None:  # the grant ended meanwhile
+                break
+            token, segs = held
+            packed = packed or w.pack_segments(segs)
+            seq = -next(self._offer_seq)
+            p.approved[seq] = Approval(tid, token, int(segs[:, 1].sum()), w.digest(packed), offer=True)
+            offered[seq] = p
+            epoch = len(self._reg_rows)
+            moved = p.known_epoch != epoch
+            md = self._agent.get_agent_metadata() if moved else b""
+            if self._send(p, w.Offer(seq, tid, epoch, md, list(self._reg_rows) if moved else [], packed)):
+                p.known_epoch = epoch
+        if not offered:
+            self._offers.pop(tid, None)
+
+    def _forget_offer(self, tid: str, seq: int) -> None:
+        offered = self._offers.get(tid)
+        if offered is not None:
+            offered.pop(seq, None)
+            if not offered:
+                del self._offers[tid]
+
+    def _retire_offers(self, tid: str) -> None:
+        """The grant completed: the offers other peers hold will not be used (one transfer,
+        one writer). Their holds end now, so the grant's memory goes back to its owner at
+        once; each peer is told to drop its offer."""
+        for seq, q in self._offers.pop(tid, {}).items():
+            a = q.approved.pop(seq, None)
+            if a is not None:
+                self._grants.end_write(a.token, q, 0)
+                self._send(q, w.Withdraw(seq, tid))
+
+    def _grant_ended(self, tid: str) -> None:
+        """GrantTable hook (any thread): a grant was revoked, failed or closed."""
+        if not self._io.stopping:
+            self._io.submit(lambda: self._withdraw_offers(tid))
+
+    def _withdraw_offers(self, tid: str) -> None:
+        """Ask every peer holding an offer of the ended grant ``tid`` to drop it. Each hold
+        ends when the peer answers Withdrawn (or, for an offer it used, with its Done or
+        Cancel): until then the grant's memory is not handed back (``GrantTable._drain``)."""
+        for seq, q in list(self._offers.get(tid, {}).items()):
+            a = q.approved.get(seq)
+            if a is not None and not a.withdrawing:
+                a.withdrawing = True
+                self._send(q, w.Withdraw(seq, tid))
+
+    def _on_withdrawn(self, p: Peer, m: w.Withdrawn) -> None:
+        a = p.approved.get(m.seq)
+        if a is None or not a.offer:
+            return  # retired at completion already
+        del p.approved[m.seq]
+        self._forget_offer(a.tid, m.seq)
+        self._grants.end_write(a.token, p, 0)
+
+    def _on_begin(self, p: Peer, m: w.Begin) -> None:
+        a = p.approved.get(m.seq)
+        if a is not None and a.offer:
+            a.begun = True
+            self._approved_tids.add(a.tid)
 
     def _on_hello(self, agent: str, m: w.Hello) -> None:
         p = self._peers.get(agent)
@@ -72,8 +147,10 @@ class ReceiverRole:
         elif m.to != self._incarnation:
             self._send(p, w.HelloNo(w.Code.STALE, f"hello for incarnation {m.to[:8]}, this transport is {self._incarnation[:8]}"))
         else:
-            p.said_hello = True
-            self._send(p, w.HelloOk(self._incarnation))
+            p.said_hello, p.known_epoch = True, m.epoch
+            if self._send(p, w.HelloOk(self._incarnation)):
+                for tid in self._grants.pending():  # grants made before it came
+                    self._offer(tid, [p])
 
     def _on_ask(self, p: Peer, m: w.Ask) -> None:
         if not p.said_hello:
@@ -104,7 +181,8 @@ class ReceiverRole:
         epoch = len(self._reg_rows)
         moved = m.epoch != epoch
         md = self._agent.get_agent_metadata() if moved else b""
-        self._send(p, w.AskOk(m.seq, epoch, md, list(self._reg_rows) if moved else []))
+        if self._send(p, w.AskOk(m.seq, epoch, md, list(self._reg_rows) if moved else [])):
+            p.known_epoch = epoch
 
     def _on_done(self, p: Peer, m: w.Done) -> None:
         """Match a WRITE's notification to its approval: complete the grant, or report."""
@@ -113,9 +191,11 @@ class ReceiverRole:
             reason = f"write {m.seq} for transfer {m.tid} landed without an approval (bytes may be outside the grant)"
         else:
             self._approved_tids.discard(a.tid)
+            self._forget_offer(a.tid, m.seq)
             ok = a.tid == m.tid and m.nbytes == a.nbytes and m.digest == a.digest
             self._grants.end_write(a.token, p, a.nbytes if ok else 0)
             if ok:
+                self._retire_offers(a.tid)
                 err = self._grants.stream_end(a.tid, p, a.nbytes, 1, a.nbytes, m.notify)
                 if err is not None:  # the grant ended meanwhile (revoked, failed)
                     code = w.Code.ABORTED if isinstance(err, TransferAborted) else w.Code.FRAME
@@ -137,6 +217,7 @@ class ReceiverRole:
         a = p.approved.pop(m.seq, None)
         if a is not None:
             self._approved_tids.discard(a.tid)
+            self._forget_offer(a.tid, m.seq)
             self._grants.end_write(a.token, p, 0)
             self._grants.fail(a.tid, TransferAborted(f"sender could not write: {m.reason}", transfer_id=a.tid, peer=p.label, transport=self.name))
 
@@ -150,5 +231,7 @@ class ReceiverRole:
             if GrantTable.cancelled(a.token):
                 del p.approved[seq]
                 self._approved_tids.discard(a.tid)
+                self._forget_offer(a.tid, seq)
                 self._grants.end_write(a.token, p, 0)
-                self._send(p, w.Nack(seq, w.Code.ABORTED, "grant revoked while the write was in flight"))
+                if a.writing:  # an offer not taken up was sent its Withdraw already
+                    self._send(p, w.Nack(seq, w.Code.ABORTED, "grant revoked while the write was in flight"))

@@ -1,9 +1,10 @@
 """The sender role of the ``nixl`` transport.
 
-A write Asks the receiver first (destination segments); while the answer travels, its
-NIXL transfer is prepared from the cached descriptor lists (``_nixl_dlists``); on AskOk it
-is posted - on one host UCX copies it right inside ``transfer()`` (cross-memory attach) -
-and it is complete when NIXL reports the WRITE done: the receiver approved exactly these
+A write whose destinations fill a grant the receiver offered us is posted at once, under
+the offer's sequence number. Otherwise it Asks the receiver first (destination segments);
+while the answer travels, its NIXL transfer is prepared from the cached descriptor lists
+(``_nixl_dlists``); on AskOk it is posted - on one host UCX copies it right inside
+``transfer()`` (cross-memory attach) - and it is complete when NIXL reports the WRITE done: the receiver approved exactly these
 bytes and NIXL's completion says they are in place. AskNo fails it with the receiver's
 reason; a Nack after completion (the grant was revoked meanwhile) is logged.
 Every method here runs on the transport's NIXL thread.
@@ -29,6 +30,8 @@ from pdfabric.errors import (
     TransportError,
 )
 
+from pdfabric.memory import merge_columns
+
 from . import _nixl_wire as w
 from ._nixl_agent import NIXL_ERRORS, nixl_error, why
 from ._nixl_dlists import MEM_NAMES, DlistCache, RegSet, block_indices, granule, map_pieces
@@ -49,6 +52,17 @@ CODE_ERRORS: dict[int, type[TransportError]] = {
     w.Code.STALE: StalePeer,
     w.Code.VERSION: ConnectError,
 }
+
+
+def _fills(offer_segs: bytes, pieces: np.ndarray) -> bool:
+    """True when the pieces' destinations, merged, are exactly the offered grant."""
+    offered = w.unpack_segments(offer_segs)
+    if len(pieces) == 0 or int(pieces[:, 2].sum()) != int(offered[:, 1].sum()):
+        return False
+    starts, ends = merge_columns(pieces[:, 1], pieces[:, 2])
+    return len(starts) == len(offered) and bool(np.array_equal(starts, offered[:, 0])) and bool(
+        np.array_equal(ends - starts, offered[:, 1])
+    )
 
 
 class SenderRole:
@@ -81,6 +95,15 @@ class SenderRole:
             return
         if not p.owes():
             p.last_heard = time.monotonic()  # silence counts from now
+        offer = p.offers.get(wr.handle.transfer_id)
+        if offer is not None and _fills(offer[1], wr.pieces):
+            del p.offers[wr.handle.transfer_id]
+            wr.seq, wr.segs = offer  # the Done names the offer and digests its segments
+            p.writes[wr.seq] = wr
+            self._post_approved(p, wr)
+            if wr in self._inflight:  # still moving: the receiver polls for it and watches us
+                self._send(p, w.Begin(wr.seq))
+            return
         p.writes[wr.seq] = wr
         assert p.regs is not None
         if self._send(p, w.Ask(wr.seq, wr.handle.transfer_id, p.regs.epoch, wr.segs)):
@@ -93,10 +116,32 @@ class SenderRole:
         wr = p.writes.get(m.seq)
         if wr is None:
             return
-        try:
-            if m.metadata:  # the receiver registered more memory since we last heard
+        self._post_approved(p, wr, (m.metadata, m.regions, m.epoch) if m.metadata else None)
+
+    def _on_offer(self, p: Peer, m: w.Offer) -> None:
+        if m.metadata:  # the receiver registered more memory since we last heard
+            try:
                 self._agent.add_remote_agent(m.metadata)
-                p.regs = RegSet.from_rows(m.regions, m.epoch)
+            except NIXL_ERRORS as e:  # a write for it will Ask, and the AskOk brings it again
+                log.warning("nixl: offer from %s with unusable metadata: %s", p.label, why(e))
+                return
+            p.regs = RegSet.from_rows(m.regions, m.epoch)
+        p.offers[m.tid] = (m.seq, m.segs)
+
+    def _on_withdraw(self, p: Peer, m: w.Withdraw) -> None:
+        offer = p.offers.get(m.tid)
+        if offer is not None and offer[0] == m.seq:
+            del p.offers[m.tid]
+        if m.seq not in p.writes:  # a write made with it answers with its Done or Cancel
+            self._send(p, w.Withdrawn(m.seq))
+
+    def _post_approved(self, p: Peer, wr: Write, learn: tuple[bytes, list, int] | None = None) -> None:  # type: ignore[type-arg]
+        """Post a write the receiver approved (AskOk or an offer); a failure cancels it.
+        ``learn``: the receiver's new (metadata, regions, epoch), loaded first."""
+        try:
+            if learn is not None:  # the receiver registered more memory since we last heard
+                self._agent.add_remote_agent(learn[0])
+                p.regs = RegSet.from_rows(learn[1], learn[2])
             self._post(wr)
         except (TransportError, *NIXL_ERRORS) as e:
             err = e if isinstance(e, TransportError) else nixl_error(e, "NIXL refused the write")

@@ -18,11 +18,28 @@ One write, sender S to receiver R::
                                              grant ended meanwhile (revoked): S logs it
     S -> R  Cancel(seq, tid, reason)         an approved write that S could not post
 
+Offers: the approval sent before the Ask. When R grants ``tid`` it offers the grant to
+every peer that said Hello (and, on Hello, a new peer gets the grants pending then)::
+
+    R -> S  Offer(seq, tid, epoch, metadata, regions, segs)   segs: the whole grant,
+                                             merged; seq < 0 (R's numbering, apart from S's)
+    S => R  WRITE whose destination, merged, is exactly segs: no Ask, no wait; its
+            Done(seq of the offer, ...) is matched as for an Ask-approved write
+    S -> R  Begin(seq)                       the offer is used and the WRITE still in
+                                             flight after posting (R polls, watches S)
+    R -> S  Withdraw(seq, tid)               the grant completed through another write, or
+                                             ended (revoked, failed): drop the offer
+    S -> R  Withdrawn(seq)                   S will not use it; R lets the grant's memory go
+                                             (an offer S used is answered by its Done)
+
+A write whose destination is not exactly an offer's segments Asks as above.
+
 ``PeerInfo`` is the ``extra`` of a ``PeerDescriptor``: the agent's name and full NIXL
 metadata, which is how a sender learns to reach a receiver (no NIXL listener thread).
 
 NIXL_WIRE_VERSION history:
   1  first version.
+  2  offers: Offer, Begin, Withdraw, Withdrawn; Hello carries the epoch the sender knows.
 """
 
 from __future__ import annotations
@@ -50,6 +67,10 @@ __all__ = [
     "Done",
     "Nack",
     "Cancel",
+    "Offer",
+    "Begin",
+    "Withdraw",
+    "Withdrawn",
     "Ping",
     "Pong",
     "Bye",
@@ -63,7 +84,7 @@ __all__ = [
     "digest",
 ]
 
-NIXL_WIRE_VERSION = 1
+NIXL_WIRE_VERSION = 2
 MAGIC = b"PFNX"
 
 # (addr, length, memory kind, device id); memory kind: 0 DRAM, 1 VRAM
@@ -110,6 +131,8 @@ class Hello(_Msg):
     start: int
     bell: str
     netns: str
+    epoch: int = -1  # the receiver's registrations the sender knows (from its descriptor);
+    # a default, so that a version-1 Hello still decodes and gets a clear HelloNo
 
 
 class HelloOk(_Msg):
@@ -161,6 +184,28 @@ class Cancel(_Msg):
     reason: str
 
 
+class Offer(_Msg):
+    seq: int  # negative: the receiver's numbering
+    tid: str
+    epoch: int
+    metadata: bytes  # full agent metadata when the sender's epoch is behind, else b""
+    regions: list[RegionRow]  # every registration, when the epoch moved (else empty)
+    segs: bytes  # pack_segments of the grant's (addr, length) ranges, sorted and merged
+
+
+class Begin(_Msg):
+    seq: int
+
+
+class Withdraw(_Msg):
+    seq: int
+    tid: str
+
+
+class Withdrawn(_Msg):
+    seq: int
+
+
 class Ping(_Msg):
     pass
 
@@ -173,7 +218,7 @@ class Bye(_Msg):
     reason: str
 
 
-Message = Union[Hello, HelloOk, HelloNo, Ask, AskOk, AskNo, Done, Nack, Cancel, Ping, Pong, Bye]
+Message = Union[Hello, HelloOk, HelloNo, Ask, AskOk, AskNo, Done, Nack, Cancel, Offer, Begin, Withdraw, Withdrawn, Ping, Pong, Bye]
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(Message)  # type: ignore[arg-type]

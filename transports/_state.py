@@ -200,10 +200,12 @@ class GrantTable:
         memory: MemoryTable,
         kill_conn: Callable[[Hashable], None] | None = None,
         drain_s: float = 1.0,
+        on_ended: Callable[[str], None] | None = None,
     ) -> None:
         self._transport = transport
         self._memory = memory
         self._kill_conn = kill_conn
+        self._on_ended = on_ended  # a grant ended other than DONE (revoked, failed, closed)
         self._drain_s = drain_s
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -351,6 +353,19 @@ class GrantTable:
         self.reject(tid, peer, f"write of {length} bytes at {addr:#x} is outside the grant")
         raise AssertionError("unreachable")
 
+    def hold(self, tid: str, conn: Hashable) -> tuple[object, np.ndarray] | None:
+        """Open a write for ``conn`` over the whole live grant ``tid`` - an approval made
+        before the writer asks (nixl's offers) - and return (token, its (n, 2) [addr,
+        length] ranges); None when ``tid`` is not a live grant. Nothing is refused or
+        counted: the caller offers what exists."""
+        with self._lock:
+            g = self._grants.get(tid)
+            if g is None or g.status.finished:
+                return None
+            g.active += 1
+            g.writers.add(conn)
+            return g, np.stack([g.starts, g.ends - g.starts], axis=1)
+
     @staticmethod
     def cancelled(token: object) -> bool:
         """True once the grant behind ``token`` finished (failed, revoked): stop copying."""
@@ -445,6 +460,8 @@ class GrantTable:
             if status is Status.ABORTED:
                 self._grants.pop(tid, None)
         g.event.set()
+        if status is not Status.DONE and self._on_ended is not None:
+            self._on_ended(tid)
 
 
 class GrantReceiver:

@@ -28,7 +28,7 @@ stop bytes a peer RDMA-writes, so Rule 1 is kept before any byte moves: the send
 with the destination segments; the receiver checks them against its grant table
 (``GrantTable.begin_write``, the check tcp/shm make per frame; a refusal fails the grant
 and is counted in ``rejections``) and answers AskOk or AskNo; the sender posts a WRITE of
-exactly the approved segments, and only after AskOk. Its handle is DONE when NIXL reports
+exactly the approved segments, and only after AskOk (or an offer, below). Its handle is DONE when NIXL reports
 the WRITE complete. The WRITE's notification (Done: sequence, transfer id, bytes, digest
 of the segments) is checked against the approval: a Done without one, or for other
 segments or byte counts, is a violation - recorded, the grant failed with
@@ -39,6 +39,23 @@ guarantees is that no such transfer completes silently.
 owes an answer is pinged every ``HEARTBEAT_S`` and declared gone after ``peer_timeout_s``
 of silence; NIXL errors on send or transfer mean gone too. A gone peer fails its pending
 writes, and the grants it was approved to write, with ``PeerGone``.
+
+*Offers: the approval before the Ask.* An Ask costs a round trip through both NIXL threads
+(~0.5-1 ms on a small machine) before any byte moves. So when the receiver grants a
+transfer, its NIXL thread offers the whole grant at once to every peer that said Hello
+(and a peer that says Hello later gets the grants pending then): an approval of exactly
+the grant's ranges, with the receiver's own sequence number, held in the grant table like
+an Ask's approval (``GrantTable.hold``). A sender whose write fills an offered grant
+exactly (its destinations, merged, are the offered ranges) posts the WRITE at once, and
+its Done names the offer. A write that does not fill it - or comes before the offer -
+Asks as above. In the connector the grant is made long before the producer is asked to
+write, so the offer is always there first. One transfer has one writer: when the grant
+completes, the other peers' offers end at once and each is told to drop its offer
+(Withdraw). When the grant ends otherwise (revoked, failed), each holder is asked to
+Withdraw and its hold ends with the answer: Withdrawn for an unused offer, the Done or
+Cancel of a write already made with it. A sender still moving bytes with an offer after
+posting says Begin, so the receiver polls for it and treats its death like an approved
+writer's. A peer that leaves without using its offer leaves the grant to the others.
 
 *Revoke* waits for an approved write's Done (the ``GrantTable`` drain); when it does not
 come in time, the approval is dropped and the sender Nacked. A sender that already posted
@@ -154,7 +171,7 @@ class NixlTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
         self._agent_name = f"pdfabric-{self._incarnation}"
         self._agent: Any = make_agent(self._agent_name, backend, progress_thread, ucx_error_handling)
         self._mem = MemoryTable(self.name)
-        self._grants = GrantTable(self.name, self._mem, kill_conn=self._kill_conn)
+        self._grants = GrantTable(self.name, self._mem, kill_conn=self._kill_conn, on_ended=self._grant_ended)
         self._closed = False
         self._lock = threading.Lock()
         self._by_id: dict[PeerId, Peer] = {}
@@ -169,6 +186,8 @@ class NixlTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
         self._stash: list[tuple[str, list[bytes]]] = []  # notifications read by _flush
         self._approved_tids: set[str] = set()
         self._seq = itertools.count(1)
+        self._offers: dict[str, dict[int, Peer]] = {}  # the NIXL thread's
+        self._offer_seq = itertools.count(1)
         self._proc = (self._pids.namespace, proc_start(os.getpid()) or 0)
         self._info = self._make_info()
         self._next_check = 0.0
@@ -284,7 +303,7 @@ class NixlTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
 
         hello = w.Hello(w.NIXL_WIRE_VERSION, desc.incarnation, self._incarnation,
                         self._agent.get_partial_agent_metadata(empty_reg_list(), True), os.getpid(), local_host_id(),
-                        *self._proc, self._bell.name, self._bell.netns)  # fmt: skip
+                        *self._proc, self._bell.name, self._bell.netns, p.regs.epoch)  # fmt: skip
         self._send(p, hello)
         return p
 
@@ -348,7 +367,7 @@ class NixlTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
         peers = self._peers.values()
         if any(p.owes() and not p.bell for p in peers):
             return HOT_S
-        if any(p.approved for p in peers):
+        if any(a.writing or a.withdrawing for p in peers for a in p.approved.values()):
             return APPROVED_S  # its WRITE may need our progress (UCX without CMA); Done rings
         if any(not p.bell and p.said_hello for p in peers) and self._grants.pending():
             return WARM_S  # a peer that cannot ring may Ask any moment
@@ -392,6 +411,14 @@ class NixlTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
             self._on_answer(p, m)
         elif isinstance(m, w.Cancel):
             self._on_cancel(p, m)
+        elif isinstance(m, w.Offer):
+            self._on_offer(p, m)
+        elif isinstance(m, w.Withdraw):
+            self._on_withdraw(p, m)
+        elif isinstance(m, w.Withdrawn):
+            self._on_withdrawn(p, m)
+        elif isinstance(m, w.Begin):
+            self._on_begin(p, m)
         elif isinstance(m, w.HelloOk) and p.hello is not None and not p.hello.done():
             p.hello.set_result(None)
         elif isinstance(m, w.HelloNo) and p.hello is not None and not p.hello.done():
@@ -443,11 +470,14 @@ class NixlTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
             self._release_write(wr)
             self._finish(wr, type(err)(f"{err.message} (mid-transfer)", transfer_id=wr.handle.transfer_id, peer=p.label, transport=self.name))
         p.writes.clear()
-        for a in p.approved.values():
-            self._approved_tids.discard(a.tid)
+        for seq, a in p.approved.items():
+            self._forget_offer(a.tid, seq)
             self._grants.end_write(a.token, p, 0)
-            self._grants.fail(a.tid, PeerGone(f"{err.message} (mid-transfer)", transfer_id=a.tid, peer=p.label, transport=self.name))
+            if a.writing:  # an offer it never took up leaves the grant to other writers
+                self._approved_tids.discard(a.tid)
+                self._grants.fail(a.tid, PeerGone(f"{err.message} (mid-transfer)", transfer_id=a.tid, peer=p.label, transport=self.name))
         p.approved.clear()
+        p.offers.clear()
         self._unwatch(p)
         if not any(wr.peer is p for wr in self._inflight):
             self._drop(p)

@@ -1,8 +1,8 @@
 """A bare NIXL agent that speaks the nixl transport's control messages by hand, to drive
 a receiver's checks the real sender never trips (forged Done, a writer that dies after
-its approval). In-process, or as a child: ``python nixl_rogue.py ask TID`` reads a
-descriptor (base64 msgpack) and segments on stdin, says Hello, Asks, prints "approved"
-and waits to be killed."""
+its approval). In-process, or as a child: ``python nixl_rogue.py ask|begin TID`` reads a
+descriptor (base64 msgpack) and segments on stdin, says Hello, Asks (or takes up the
+receiver's offer), prints "approved" and waits to be killed."""
 
 from __future__ import annotations
 
@@ -33,10 +33,12 @@ class Rogue:
         self.agent.create_backend("UCX", {"ucx_error_handling_mode": "none"})
         self.peer = ""
         self.desc: PeerDescriptor | None = None
+        self.epoch = -1
+        self.backlog: list[Any] = []
 
     def meet(self, desc: PeerDescriptor) -> w.PeerInfo:
         info = w.decode_info(desc.extra)
-        self.peer, self.desc = as_text(self.agent.add_remote_agent(info.metadata)), desc
+        self.peer, self.desc, self.epoch = as_text(self.agent.add_remote_agent(info.metadata)), desc, info.epoch
         return info
 
     def hello(self) -> None:
@@ -48,22 +50,27 @@ class Rogue:
         md = self.agent.get_partial_agent_metadata(nb.nixlRegDList(nb.DRAM_SEG), True)
         pidns = os.readlink("/proc/self/ns/pid")
         self.send(w.Hello(w.NIXL_WIRE_VERSION, self.desc.incarnation, uuid.uuid4().hex, md, os.getpid(),
-                          local_host_id(), pidns, proc_start(os.getpid()) or 0, "", ""))  # fmt: skip
+                          local_host_id(), pidns, proc_start(os.getpid()) or 0, "", "", self.epoch))  # fmt: skip
         self.expect(w.HelloOk)
 
     def send(self, msg: Any) -> None:
         self.agent.send_notif(self.peer, w.encode(msg))
 
     def expect(self, cls: type, timeout: float = 5.0) -> Any:
+        """The first message of type ``cls`` (older ones of other types are dropped; those
+        after it are kept for the next call)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
+            while self.backlog:
+                m = self.backlog.pop(0)
+                if isinstance(m, cls):
+                    return m
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no {cls.__name__} within {timeout}s")
             for msgs in self.agent.get_new_notifs().values():
-                for raw in msgs:
-                    m = w.decode(raw)
-                    if isinstance(m, cls):
-                        return m
-            time.sleep(0.001)
-        raise TimeoutError(f"no {cls.__name__} within {timeout}s")
+                self.backlog.extend(w.decode(raw) for raw in msgs)
+            if not self.backlog:
+                time.sleep(0.001)
 
     def close(self) -> None:
         if self.peer:
@@ -71,16 +78,23 @@ class Rogue:
         self.agent = None
 
 
-def _child(tid: str) -> None:
-    """Say hello, Ask to write ``segs`` for ``tid``, report the approval, then hang."""
+def _child(mode: str, tid: str) -> None:
+    """Say hello, then either Ask to write ``segs`` for ``tid`` (mode ``ask``) or take up
+    the receiver's offer of ``tid`` (mode ``begin``: Begin, as a writer does whose WRITE is
+    still in flight); report "approved", then hang."""
     req = json.loads(sys.stdin.readline())
     desc = msgspec.msgpack.decode(base64.b64decode(req["descriptor"]), type=PeerDescriptor)
     r = Rogue()
     info = r.meet(desc)
     r.hello()
-    segs = w.pack_segments(np.array(req["segs"], dtype=np.uint64))
-    r.send(w.Ask(1, tid, info.epoch, segs))
-    r.expect(w.AskOk)
+    if mode == "begin":
+        offer = r.expect(w.Offer)
+        assert offer.tid == tid, offer
+        r.send(w.Begin(offer.seq))
+    else:
+        segs = w.pack_segments(np.array(req["segs"], dtype=np.uint64))
+        r.send(w.Ask(1, tid, info.epoch, segs))
+        r.expect(w.AskOk)
     print("approved", flush=True)
     while True:  # keep answering pings until killed
         r.agent.get_new_notifs()
@@ -88,4 +102,4 @@ def _child(tid: str) -> None:
 
 
 if __name__ == "__main__":
-    _child(sys.argv[2])
+    _child(sys.argv[1], sys.argv[2])

@@ -262,13 +262,14 @@ def test_revoke_drops_an_approved_write_that_does_not_finish(pair, rogue) -> Non
 # ------------------------------------------------------------------ peer death
 
 
-def test_writer_that_dies_after_its_approval_fails_the_grant(pair) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("mode", ["ask", "begin"])  # approved on its Ask / writing with an offer
+def test_writer_that_dies_after_its_approval_fails_the_grant(pair, mode: str) -> None:  # type: ignore[no-untyped-def]
     from pdfabric.testing.peer import encode_descriptor
 
     _, rcv, _, dst = pair
     rcv.grant("victim", _blocks(dst, [0, 1]))
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "nixl_rogue.py"), "ask", "victim"],
+        [sys.executable, str(HERE / "nixl_rogue.py"), mode, "victim"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Iterator
 
@@ -38,8 +39,10 @@ def start_pair(model: Path, log_dir: Path, transport: str) -> FabricPair:
     ).start()
 
 
-@pytest.fixture(scope="module", params=["tcp", "shm"])
+@pytest.fixture(scope="module", params=["tcp", "shm", "nixl"])
 def pair(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FabricPair]:
+    if request.param == "nixl" and importlib.util.find_spec("nixl") is None:
+        pytest.skip("nixl is not installed (make setup installs it; pip install --no-deps nixl nixl-cu12 nixl-cu13)")
     log_dir = tmp_path_factory.mktemp(f"engines-{request.param}")
     p = start_pair(tiny_model, log_dir, request.param)
     try:

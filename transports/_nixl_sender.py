@@ -76,8 +76,11 @@ class SenderRole:
     _regset: RegSet
     _local_lists: DlistCache
     _inflight: list[Write]
+    stats: dict[str, int]
 
     if TYPE_CHECKING:  # provided by NixlTransport
+
+        def _pump(self) -> bool: ...
 
         def _send(self, p: Peer, m: Any, raw: bytes = b"") -> bool: ...
 
@@ -89,6 +92,8 @@ class SenderRole:
 
     def _ask(self, wr: Write) -> None:
         p = wr.peer
+        if wr.handle.transfer_id not in p.offers and not self._io.stopping:
+            self._pump()  # its offer may be among the notifications not read yet
         if self._io.stopping or p.gone is not None:
             err = p.gone or TransportClosed("transport closed", transport=self.name)
             self._finish(wr, type(err)(err.message, transfer_id=wr.handle.transfer_id, peer=p.label, transport=self.name))
@@ -97,6 +102,7 @@ class SenderRole:
             p.last_heard = time.monotonic()  # silence counts from now
         offer = p.offers.get(wr.handle.transfer_id)
         if offer is not None and _fills(offer[1], wr.pieces):
+            self.stats["offers_used"] += 1
             del p.offers[wr.handle.transfer_id]
             wr.seq, wr.segs = offer  # the Done names the offer and digests its segments
             p.writes[wr.seq] = wr
@@ -106,6 +112,7 @@ class SenderRole:
             return
         p.writes[wr.seq] = wr
         assert p.regs is not None
+        self.stats["asks"] += 1
         if self._send(p, w.Ask(wr.seq, wr.handle.transfer_id, p.regs.epoch, wr.segs)):
             try:  # prepare while the answer travels; posted only after AskOk
                 self._prepare(wr)

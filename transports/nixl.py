@@ -188,6 +188,7 @@ class NixlTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
         self._seq = itertools.count(1)
         self._offers: dict[str, dict[int, Peer]] = {}  # the NIXL thread's
         self._offer_seq = itertools.count(1)
+        self.stats = {"asks": 0, "offers_used": 0}  # writes that asked / went on an offer
         self._proc = (self._pids.namespace, proc_start(os.getpid()) or 0)
         self._info = self._make_info()
         self._next_check = 0.0

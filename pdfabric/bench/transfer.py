@@ -26,6 +26,9 @@ and ``ucx``, whose path to the child on this host is one cross-memory copy - aga
 at the end.
 Plans: the block workload's plans are ``RegionArray`` columns, the fast path a caller with
 thousands of blocks per transfer takes (``TransferPlan.from_arrays``).
+Each round grants, then writes, as the connector does; ``nixl`` rows count how many writes
+went on the receiver's offer of the grant (``offers_used``) and how many asked first
+(``asks``), so a row says which path it measured.
 Peer rows (``run_benchmark(peers=["mooncake"])``): Mooncake's transfer engine over TCP
 moves the same block plans from this process into a child (``bench.peers``), compared with
 ``raw_socket`` like the network transports; a peer that cannot load here has no row and
@@ -86,6 +89,9 @@ class Row:
     ratio_to_raw_nixl: float | None = None  # nixl rows: gbps over the interleaved raw NIXL
     ratio_to_memcpy: float | None = None  # gbps over single-thread memcpy (run's reference)
     ratio_to_d2d: float | None = None  # GPU runs: gbps over the device-to-device copy (run's reference)
+    # nixl rows: writes (warm-up round included) posted on the receiver's offer / that asked first
+    offers_used: int | None = None
+    asks: int | None = None
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -292,16 +298,28 @@ def _transport_rows(bench: TransferBench, name: str, options: dict[str, Any], si
             else:
                 src, dst, block = bench.plan_kv(t, child, size, workload)
             nbytes = sum(r.length for r in src)
+            before = dict(getattr(t, "stats", {}))
             with bench.baseline(kind, nbytes) as base:
                 ours, theirs = bench.transfer_rounds(t, child, peer, src, dst, base)
             rows.append(_row(name, block, nbytes, ours, kind, theirs, workload))
+            _count_approvals(rows[-1], before, t)
     if latency_iters:
+        before = dict(getattr(t, "stats", {}))
         lat, raw = bench.latency(t, child, peer, latency_iters)
         row = _row(name, 4096, 4096, lat, "raw_socket_half_rtt", raw, "latency")
         row.ack_half_rtt_p50_us = _pct(bench.ack_half_rtt, 50) * 1e6  # write -> ACK, halved
         rows.append(row)
+        _count_approvals(row, before, t)
     bench.progress()
     return rows
+
+
+def _count_approvals(row: Row, before: dict[str, int], t: Transport) -> None:
+    """nixl: how many of the row's writes went on the receiver's offer, how many asked."""
+    if "offers_used" in before:
+        stats = getattr(t, "stats", {})
+        row.offers_used = stats["offers_used"] - before["offers_used"]
+        row.asks = stats["asks"] - before["asks"]
 
 
 def _add_reference_ratios(rows: list[Row], baselines: dict[str, dict[str, float]]) -> None:

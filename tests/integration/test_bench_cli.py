@@ -54,6 +54,8 @@ def test_bench_nixl_rows_are_compared_with_raw_nixl_and_memcpy(tmp_path: Path) -
     (bw,) = [x for x in doc["results"] if x["workload"] == "blocks"]
     assert bw["transport"] == "nixl" and bw["baseline"] == "raw_nixl" and bw["gbps"] > 0
     assert bw["ratio_to_raw_nixl"] == bw["ratio"] and bw["ratio_to_memcpy"] > 0
+    # every write of the row (3 rounds + warm-up) is counted, on the offer path or the Ask path
+    assert bw["offers_used"] + bw["asks"] == 4 and bw["offers_used"] >= 1
     (lat,) = [x for x in doc["results"] if x["workload"] == "latency"]
     assert lat["ratio_to_raw_nixl"] is None
 

@@ -97,6 +97,7 @@ def test_a_write_that_fills_an_offered_grant_goes_without_an_ask(rcv) -> None:  
         s.wait(s.write(peer, plan), 10)
         assert r.wait_recv("g", 10).nbytes == 4 * BLOCK
         assert "Ask" not in sent.types, sent.types  # (the Done rides on the WRITE itself)
+        assert s.stats == {"asks": 0, "offers_used": 1}
         for i, j in zip([0, 1, 2, 3], [11, 3, 2, 7]):
             assert np.array_equal(dst[j * BLOCK : (j + 1) * BLOCK], src[i * BLOCK : (i + 1) * BLOCK])
         untouched = [k for k in range(16) if k not in (11, 3, 2, 7)]

@@ -70,6 +70,8 @@ class Peer:
     approved: dict[int, Approval] = field(default_factory=dict)
     offers: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # its offers to us: tid -> (seq, segs)
     known_epoch: int = -1  # our registrations it knows (receiver side)
+    incarnation: str = ""  # its transport's incarnation, from its Hello (receiver side)
+    offers_ok: bool = True  # sender side: False after an offer whose metadata would not load
 
     def owes(self) -> bool:
         """It owes us an answer: its silence counts toward ``peer_timeout_s`` (offers it

@@ -42,6 +42,7 @@ class ReceiverRole:
     _approved_tids: set[str]
     _reg_rows: list[tuple[int, int, int, int]]
     _offers: dict[str, dict[int, Peer]]  # tid -> offer seq -> the peer holding it
+    _closed: bool
     _offer_seq: Iterator[int]
 
     if TYPE_CHECKING:  # provided by NixlTransport
@@ -52,35 +53,34 @@ class ReceiverRole:
 
         def _bell_of(self, host_id: str, netns: str, bell: str) -> str: ...
 
-    def grant(self, transfer_id: str, regions: Sequence[Region]) -> None:
-        super().grant(transfer_id, regions)  # type: ignore[misc]  # GrantReceiver
+    def grant(self, transfer_id: str, regions: Sequence[Region], writer: str | None = None) -> None:
+        super().grant(transfer_id, regions, writer)  # type: ignore[misc]  # GrantReceiver
         self._io.submit(lambda: self._offer(transfer_id))
 
     # -- offers ---------------------------------------------------------------------------
     def _offer(self, tid: str, peers: list[Peer] | None = None) -> None:
-        """Offer the live grant ``tid`` to ``peers`` (default: every peer that said Hello):
-        an approval of the whole grant, sent before anyone asks. A sender whose write fills
-        the grant exactly writes at once, without an Ask and its round trip."""
-        offered = self._offers.setdefault(tid, {})
-        packed = b""
+        """Offer the live grant ``tid`` to ``peers`` (default: every peer that said Hello),
+        or only to its expected writer when the grant names one: an approval of the whole
+        grant, sent before anyone asks. A sender whose write fills the grant exactly
+        writes at once, without an Ask and its round trip."""
+        live = self._grants.live(tid)
+        if live is None:
+            return
+        token, segs, writer = live
+        packed = w.pack_segments(segs)
         for p in list(self._peers.values()) if peers is None else peers:
-            if not p.said_hello or p.gone is not None or p in offered.values():
+            if not p.said_hello or p.gone is not None or (writer is not None and p.incarnation != writer):
                 continue
-            held = self._grants.hold(tid, p)
-            if held is None:  # the grant ended meanwhile
-                break
-            token, segs = held
-            packed = packed or w.pack_segments(segs)
+            if any(q is p for q in self._offers.get(tid, {}).values()) or not self._grants.hold(token, p):
+                continue
             seq = -next(self._offer_seq)
             p.approved[seq] = Approval(tid, token, int(segs[:, 1].sum()), w.digest(packed), offer=True)
-            offered[seq] = p
-            epoch = len(self._reg_rows)
+            self._offers.setdefault(tid, {})[seq] = p  # looked up again: a failed send below
+            epoch = len(self._reg_rows)  # ends the peer, and with it the tid's entry
             moved = p.known_epoch != epoch
             md = self._agent.get_agent_metadata() if moved else b""
             if self._send(p, w.Offer(seq, tid, epoch, md, list(self._reg_rows) if moved else [], packed)):
                 p.known_epoch = epoch
-        if not offered:
-            self._offers.pop(tid, None)
 
     def _forget_offer(self, tid: str, seq: int) -> None:
         offered = self._offers.get(tid)
@@ -92,25 +92,39 @@ class ReceiverRole:
     def _retire_offers(self, tid: str) -> None:
         """The grant completed: the offers other peers hold will not be used (one transfer,
         one writer). Their holds end now, so the grant's memory goes back to its owner at
-        once; each peer is told to drop its offer."""
-        for seq, q in self._offers.pop(tid, {}).items():
-            a = q.approved.pop(seq, None)
-            if a is not None:
-                self._grants.end_write(a.token, q, 0)
-                self._send(q, w.Withdraw(seq, tid))
-
-    def _grant_ended(self, tid: str) -> None:
-        """GrantTable hook (any thread): a grant was revoked, failed or closed."""
-        if not self._io.stopping:
-            self._io.submit(lambda: self._withdraw_offers(tid))
-
-    def _withdraw_offers(self, tid: str) -> None:
-        """Ask every peer holding an offer of the ended grant ``tid`` to drop it. Each hold
-        ends when the peer answers Withdrawn (or, for an offer it used, with its Done or
-        Cancel): until then the grant's memory is not handed back (``GrantTable._drain``)."""
+        once, and each peer is told to drop its offer - except an offer a peer said it is
+        writing with (Begin): that hold ends with its Done or Cancel."""
         for seq, q in list(self._offers.get(tid, {}).items()):
             a = q.approved.get(seq)
-            if a is not None and not a.withdrawing:
+            if a is None:
+                continue
+            if not a.begun:
+                del q.approved[seq]
+                self._forget_offer(tid, seq)
+                self._grants.end_write(a.token, q, 0)
+            elif not a.withdrawing:
+                a.withdrawing = True
+            else:
+                continue
+            self._send(q, w.Withdraw(seq, tid))
+
+    def _grant_ended(self, tid: str, token: object) -> None:
+        """GrantTable hook (any thread): a grant was revoked, failed or closed. At close the
+        Bye and ``_gone`` end every hold, so nothing is sent then."""
+        if not self._closed and not self._io.stopping:
+            self._io.submit(lambda: self._withdraw_offers(tid, token))
+
+    def _withdraw_offers(self, tid: str, token: object) -> None:
+        """Ask every peer holding an offer of the ended grant (``token``: a grant made anew
+        under the same id keeps its offers) to drop it. Each hold ends when the peer
+        answers Withdrawn (or, for an offer it used, with its Done or Cancel): until then
+        the grant's memory is not handed back (``GrantTable._drain``)."""
+        now = time.monotonic()
+        for seq, q in list(self._offers.get(tid, {}).items()):
+            a = q.approved.get(seq)
+            if a is not None and a.token is token and not a.withdrawing:
+                if not q.owes():
+                    q.last_heard = now  # its silence counts from when it owes us an answer
                 a.withdrawing = True
                 self._send(q, w.Withdraw(seq, tid))
 
@@ -147,7 +161,7 @@ class ReceiverRole:
         elif m.to != self._incarnation:
             self._send(p, w.HelloNo(w.Code.STALE, f"hello for incarnation {m.to[:8]}, this transport is {self._incarnation[:8]}"))
         else:
-            p.said_hello, p.known_epoch = True, m.epoch
+            p.said_hello, p.known_epoch, p.incarnation = True, m.epoch, m.frm
             if self._send(p, w.HelloOk(self._incarnation)):
                 for tid in self._grants.pending():  # grants made before it came
                     self._offer(tid, [p])

@@ -92,8 +92,8 @@ class SenderRole:
 
     def _ask(self, wr: Write) -> None:
         p = wr.peer
-        if wr.handle.transfer_id not in p.offers and not self._io.stopping:
-            self._pump()  # its offer may be among the notifications not read yet
+        if not self._io.stopping:
+            self._pump()  # its offer, or a Withdraw of the one we hold, may be unread yet
         if self._io.stopping or p.gone is not None:
             err = p.gone or TransportClosed("transport closed", transport=self.name)
             self._finish(wr, type(err)(err.message, transfer_id=wr.handle.transfer_id, peer=p.label, transport=self.name))
@@ -126,14 +126,24 @@ class SenderRole:
         self._post_approved(p, wr, (m.metadata, m.regions, m.epoch) if m.metadata else None)
 
     def _on_offer(self, p: Peer, m: w.Offer) -> None:
+        try:
+            w.unpack_segments(m.segs)
+        except FrameError as e:
+            log.warning("nixl: malformed offer from %s ignored: %s", p.label, e.message)
+            return
         if m.metadata:  # the receiver registered more memory since we last heard
             try:
                 self._agent.add_remote_agent(m.metadata)
-            except NIXL_ERRORS as e:  # a write for it will Ask, and the AskOk brings it again
-                log.warning("nixl: offer from %s with unusable metadata: %s", p.label, why(e))
+            except NIXL_ERRORS as e:
+                # it believes we know its memory now: take no offers until an AskOk (whose
+                # Ask names the epoch we do know) brings its metadata again
+                log.warning("nixl: offer from %s with unusable metadata: %s; writes to it ask", p.label, why(e))
+                p.offers_ok = False
+                p.offers.clear()
                 return
             p.regs = RegSet.from_rows(m.regions, m.epoch)
-        p.offers[m.tid] = (m.seq, m.segs)
+        if p.offers_ok:
+            p.offers[m.tid] = (m.seq, m.segs)
 
     def _on_withdraw(self, p: Peer, m: w.Withdraw) -> None:
         offer = p.offers.get(m.tid)
@@ -149,6 +159,7 @@ class SenderRole:
             if learn is not None:  # the receiver registered more memory since we last heard
                 self._agent.add_remote_agent(learn[0])
                 p.regs = RegSet.from_rows(learn[1], learn[2])
+                p.offers_ok = True
             self._post(wr)
         except (TransportError, *NIXL_ERRORS) as e:
             err = e if isinstance(e, TransportError) else nixl_error(e, "NIXL refused the write")

@@ -173,6 +173,7 @@ class _Grant:
     writers: set[Hashable] = field(default_factory=set)
     event: Latch = field(default_factory=Latch)
     lists: tuple[list[int], list[int]] | None = None  # starts, ends as ints (small checks)
+    writer: str | None = None  # the peer expected to write it (Transport.grant), if known
 
     def __post_init__(self) -> None:
         if len(self.starts) <= _LIST_RANGES:
@@ -200,7 +201,7 @@ class GrantTable:
         memory: MemoryTable,
         kill_conn: Callable[[Hashable], None] | None = None,
         drain_s: float = 1.0,
-        on_ended: Callable[[str], None] | None = None,
+        on_ended: Callable[[str, object], None] | None = None,
     ) -> None:
         self._transport = transport
         self._memory = memory
@@ -217,7 +218,7 @@ class GrantTable:
         self._changes = 0  # grants finished so far, for wait_change
 
     # -- owner API ---------------------------------------------------------------------
-    def grant(self, tid: str, regions: Sequence[Region]) -> None:
+    def grant(self, tid: str, regions: Sequence[Region], writer: str | None = None) -> None:
         starts, ends = merge_columns(*region_columns(regions, f"grant {tid}: region"))
         bad = self._memory.first_outside(starts, ends - starts)
         if bad >= 0:
@@ -232,20 +233,29 @@ class GrantTable:
             if tid in self._grants:
                 raise ValueError(f"transfer {tid} is already granted")
             self._finished.pop(tid, None)
-            self._grants[tid] = _Grant(TransferId(tid), starts, ends, int((ends - starts).sum()))
+            self._grants[tid] = _Grant(TransferId(tid), starts, ends, int((ends - starts).sum()), writer=writer)
 
     def revoke(self, tid: str) -> None:
         """Withdraw the grant whatever its state; a waiter gets TransferAborted.
 
         Returns once no write into the grant's memory is in progress (see ``_drain``)."""
-        with self._lock:
-            g = self._grants.get(tid)
-        err = TransferAborted("grant revoked", transfer_id=tid, transport=self._transport)
-        self._finish(tid, Status.ABORTED, err)
-        with self._lock:
-            if self._grants.get(tid) is g:
-                self._grants.pop(tid, None)
-        if g is not None:
+        self.revoke_many([tid])
+
+    def revoke_many(self, tids: Sequence[str]) -> None:
+        """``revoke`` each of ``tids``: all of them end first, then each is drained, so
+        their writers are told (and answer) together."""
+        ended = []
+        for tid in tids:
+            with self._lock:
+                g = self._grants.get(tid)
+            err = TransferAborted("grant revoked", transfer_id=tid, transport=self._transport)
+            self._finish(tid, Status.ABORTED, err)
+            with self._lock:
+                if self._grants.get(tid) is g:
+                    self._grants.pop(tid, None)
+            if g is not None:
+                ended.append(g)
+        for g in ended:
             self._drain(g)
 
     def _drain(self, g: _Grant) -> None:
@@ -353,18 +363,28 @@ class GrantTable:
         self.reject(tid, peer, f"write of {length} bytes at {addr:#x} is outside the grant")
         raise AssertionError("unreachable")
 
-    def hold(self, tid: str, conn: Hashable) -> tuple[object, np.ndarray] | None:
-        """Open a write for ``conn`` over the whole live grant ``tid`` - an approval made
-        before the writer asks (nixl's offers) - and return (token, its (n, 2) [addr,
-        length] ranges); None when ``tid`` is not a live grant. Nothing is refused or
-        counted: the caller offers what exists."""
+    def live(self, tid: str) -> tuple[object, np.ndarray, str | None] | None:
+        """(token, (n, 2) [addr, length] ranges, expected writer) of the live grant ``tid``;
+        None when there is none. The token is what ``hold`` takes and ``on_ended`` names."""
         with self._lock:
             g = self._grants.get(tid)
             if g is None or g.status.finished:
                 return None
+            return g, np.stack([g.starts, g.ends - g.starts], axis=1), g.writer
+
+    def hold(self, token: object, conn: Hashable) -> bool:
+        """Open a write for ``conn`` over the whole grant ``token`` (from ``live``) - an
+        approval made before the writer asks (nixl's offers); False when that grant has
+        ended meanwhile. Nothing is refused or counted: the caller offers what exists.
+        The write ends with ``end_write`` like any other."""
+        g = token
+        assert isinstance(g, _Grant)
+        with self._lock:
+            if g.status.finished or self._grants.get(g.tid) is not g:
+                return False
             g.active += 1
             g.writers.add(conn)
-            return g, np.stack([g.starts, g.ends - g.starts], axis=1)
+            return True
 
     @staticmethod
     def cancelled(token: object) -> bool:
@@ -461,7 +481,7 @@ class GrantTable:
                 self._grants.pop(tid, None)
         g.event.set()
         if status is not Status.DONE and self._on_ended is not None:
-            self._on_ended(tid)
+            self._on_ended(tid, g)
 
 
 class GrantReceiver:
@@ -481,12 +501,15 @@ class GrantReceiver:
         self._check_open()  # type: ignore[attr-defined]  # from Transport
         self._mem.add(regions)
 
-    def grant(self, transfer_id: str, regions: Sequence[Region]) -> None:
+    def grant(self, transfer_id: str, regions: Sequence[Region], writer: str | None = None) -> None:
         self._check_open()  # type: ignore[attr-defined]  # from Transport
-        self._grants.grant(transfer_id, regions)
+        self._grants.grant(transfer_id, regions, writer)
 
     def revoke(self, transfer_id: str) -> None:
         self._grants.revoke(transfer_id)
+
+    def revoke_many(self, transfer_ids: Sequence[str]) -> None:
+        self._grants.revoke_many(transfer_ids)
 
     def wait_recv(self, transfer_id: str, timeout: float | None = None) -> RecvResult:
         return self._grants.wait(transfer_id, self.transfer_timeout_s if timeout is None else timeout)

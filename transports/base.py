@@ -327,12 +327,25 @@ class Transport(ABC):
 
     # -- receiver ----------------------------------------------------------------------
     @abstractmethod
-    def grant(self, transfer_id: str, regions: Sequence[Region]) -> None:
-        """Allow peers to write exactly ``regions`` for ``transfer_id``."""
+    def grant(self, transfer_id: str, regions: Sequence[Region], writer: str | None = None) -> None:
+        """Allow peers to write exactly ``regions`` for ``transfer_id``.
+
+        ``writer``: the incarnation (``PeerDescriptor.incarnation``) of the peer expected to
+        write it, when the caller knows it. A transport that approves writes ahead of time
+        (``nixl`` offers) approves it to that peer only; None: to any connected peer. It
+        does not restrict who may write: any peer's write is still checked against the
+        grant. Transports that approve per write ignore it."""
 
     @abstractmethod
     def revoke(self, transfer_id: str) -> None:
         """Withdraw a grant; a pending ``wait_recv`` raises TransferAborted."""
+
+    def revoke_many(self, transfer_ids: Sequence[str]) -> None:
+        """``revoke`` several grants, returning once none of them is being written. Ending
+        them all before waiting on any costs one wait instead of one each (nixl: one
+        round trip to the holders of their offers)."""
+        for tid in transfer_ids:
+            self.revoke(tid)
 
     @abstractmethod
     def wait_recv(self, transfer_id: str, timeout: float | None = None) -> RecvResult:

@@ -42,8 +42,9 @@ writes, and the grants it was approved to write, with ``PeerGone``.
 
 *Offers: the approval before the Ask.* An Ask costs a round trip through both NIXL threads
 (~0.5-1 ms on a small machine) before any byte moves. So when the receiver grants a
-transfer, its NIXL thread offers the whole grant at once to every peer that said Hello
-(and a peer that says Hello later gets the grants pending then): an approval of exactly
+transfer, its NIXL thread offers the whole grant at once to its expected writer (the
+``writer`` of ``grant``), or to every peer that said Hello when it names none (a peer
+that says Hello later gets the grants pending then): an approval of exactly
 the grant's ranges, with the receiver's own sequence number, held in the grant table like
 an Ask's approval (``GrantTable.hold``). A sender whose write fills an offered grant
 exactly (its destinations, merged, are the offered ranges) posts the WRITE at once, and
@@ -51,9 +52,12 @@ its Done names the offer. A write that does not fill it - or comes before the of
 Asks as above. In the connector the grant is made long before the producer is asked to
 write, so the offer is always there first. One transfer has one writer: when the grant
 completes, the other peers' offers end at once and each is told to drop its offer
-(Withdraw). When the grant ends otherwise (revoked, failed), each holder is asked to
+(Withdraw; one a peer said it is writing with keeps its hold until that write's Done or
+Cancel). When the grant ends otherwise (revoked, failed), each holder is asked to
 Withdraw and its hold ends with the answer: Withdrawn for an unused offer, the Done or
-Cancel of a write already made with it. A sender still moving bytes with an offer after
+Cancel of a write already made with it (``revoke_many`` asks them all before waiting on
+any). A sender reads its pending notifications before each write, so it never uses an
+offer whose Withdraw has already arrived. A sender still moving bytes with an offer after
 posting says Begin, so the receiver polls for it and treats its death like an approved
 writer's. A peer that leaves without using its offer leaves the grant to the others.
 

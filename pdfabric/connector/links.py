@@ -79,7 +79,7 @@ class ProducerLinks:
             return Refuse(str(e))
         self._links[peer] = link
         log.info("pdfabric: consumer %s connected over %s", msg.engine, self.transport.name)
-        return HelloOk(self.engine, self.fingerprint.as_dict())
+        return HelloOk(self.engine, self.fingerprint.as_dict(), self.transport.descriptor().incarnation)
 
     def _accept(self, msg: Hello) -> ConsumerLink:
         if msg.wire_version != WIRE_VERSION:
@@ -104,6 +104,7 @@ class ConsumerLinks:
         self.layout = layout
         self.transport = transport
         self._state: dict[str, str] = {}  # addr -> "sent" | "ok" | refusal reason
+        self._writers: dict[str, str] = {}  # addr -> its transport's incarnation (HelloOk)
 
     def before_grant(self, addr: str) -> list[Message]:
         """Messages to send ahead of a grant to ``addr``: a Hello on a new link."""
@@ -117,11 +118,18 @@ class ConsumerLinks:
         """Record a handshake answer; returns the refusal reason ("" when accepted)."""
         if isinstance(msg, HelloOk):
             self._state[addr] = "ok"
+            self._writers[addr] = msg.writer
             return ""
         self._state.pop(addr, None)  # try again with the next request
         why = f"producer {addr} refused the handshake: {msg.reason}"
         log.warning("pdfabric: %s", why)
         return why
 
+    def writer(self, addr: str) -> str | None:
+        """The incarnation of ``addr``'s transport, once its handshake was answered: the
+        expected writer of the grants sent there (None before: any peer)."""
+        return self._writers.get(addr)
+
     def forget(self, addr: str) -> None:
         self._state.pop(addr, None)
+        self._writers.pop(addr, None)

@@ -390,9 +390,8 @@ class FabricWorker:
             elif isinstance(a, C.SendGrant):
                 self._grant(a)
             elif isinstance(a, C.Revoke):
-                assert self.transport is not None
-                for layer in a.layers:
-                    self.transport.revoke(sub_transfer_id(a.transfer_id, layer))
+                assert self.transport is not None  # all layers end, then drain together
+                self.transport.revoke_many([sub_transfer_id(a.transfer_id, layer) for layer in a.layers])
             elif isinstance(a, C.Finish):
                 self._finish(a)
 
@@ -407,8 +406,9 @@ class FabricWorker:
                 self._slots[g.transfer_id] = off = self.stager.reserve(len(ids))
                 g = msgspec.structs.replace(g, staging=self.stager.pool.base + off)
                 where, ids = self.stager.slot_layout(g.staging, len(ids)), list(range(len(ids)))
+            writer = self._producers.writer(a.producer)  # None until its handshake answered
             for layer in range(self.layout.geometry.num_layers):
-                self.transport.grant(sub_transfer_id(g.transfer_id, layer), where.region_array(ids, [layer]))
+                self.transport.grant(sub_transfer_id(g.transfer_id, layer), where.region_array(ids, [layer]), writer)
         except Exception as e:
             self._do(self.ctable.failed(g.transfer_id, f"cannot grant blocks: {e}", tell_producer=True))
             return

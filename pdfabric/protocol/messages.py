@@ -8,7 +8,7 @@ wrong types with a ``ProtocolError`` that says what came and where.
 Conversation (one consumer worker -> one producer worker, a ZMQ DEALER -> ROUTER link)::
 
     D -> P  Hello(wire_version, engine, fingerprint, layout, data)   once per link
-    P -> D  HelloOk(engine, fingerprint, data)  |  Refuse(reason)
+    P -> D  HelloOk(engine, fingerprint, writer)  |  Refuse(reason)
     D -> P  Grant(transfer_id, blocks, num_tokens, ...)                per request
     D -> P  Heartbeat(transfer_ids)                                    while D waits to grant
     P -> D  Abort(transfer_id, reason)     P cannot serve it (unknown, expired, aborted)
@@ -23,6 +23,9 @@ WIRE_VERSION history (bump on any change a peer of the previous version would mi
 1. First version: Hello/HelloOk/Refuse, Grant, Abort, Heartbeat, Status/StatusReply,
    Done as the data-path notification.
 2. ``Grant.staging``: the address of the consumer's host staging slot (0: none).
+3. ``HelloOk.writer``: the incarnation of the producer's transport, so the consumer can
+   name the expected writer of its grants (``Transport.grant(..., writer=)``; nixl offers
+   a grant to that peer only).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ __all__ = [
     "sub_transfer_id",
 ]
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 
 
 class ProtocolError(FabricError):
@@ -85,6 +88,7 @@ class Hello(_Msg):
 class HelloOk(_Msg):
     engine: str
     fingerprint: dict[str, str | int]
+    writer: str  # the producer transport's incarnation (its PeerDescriptor's)
 
 
 class Refuse(_Msg):

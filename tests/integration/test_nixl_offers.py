@@ -4,12 +4,15 @@ the offer is used (no Ask on the wire) and the bytes land; a write that does not
 grant still Asks and is refused; a peer that connects after the grant is offered it; a
 revoke withdraws unused offers at once (not after the drain timeout); completion
 withdraws the offers other peers hold; a peer that leaves without using its offer does
-not fail the grant. (A writer that dies while writing with an offer:
-``test_nixl_transport.py``.)"""
+not fail the grant; a grant that names its writer is offered to that peer only; a grant
+made anew under the same id is written on its own offer; withdrawing from a peer quiet for
+longer than ``peer_timeout_s`` does not declare it gone; ``revoke_many`` withdraws in one
+round. (A writer that dies while writing with an offer: ``test_nixl_transport.py``.)"""
 
 from __future__ import annotations
 
 import importlib.util
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -57,8 +60,8 @@ def rcv() -> Iterator[tuple[Transport, np.ndarray]]:
         t.close()
 
 
-def _sender() -> tuple[Transport, np.ndarray]:
-    t = create("nixl")
+def _sender(**options: Any) -> tuple[Transport, np.ndarray]:
+    t = create("nixl", **options)
     src = np.random.default_rng(1).integers(0, 256, 16 * BLOCK, dtype=np.uint8)
     t.register([region_of(src)])
     return t, src
@@ -191,6 +194,125 @@ def test_a_peer_that_leaves_without_using_its_offer_leaves_the_grant_to_the_othe
         assert r.recv_progress("g") == (0, BLOCK)
         a.wait(a.write(pa, TransferPlan(TransferId("g"), _blocks(src, [3]), _blocks(dst, [8]))), 10)
         assert r.wait_recv("g", 10).nbytes == BLOCK
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_grant_naming_its_writer_is_offered_to_that_peer_only(rcv) -> None:  # type: ignore[no-untyped-def]
+    r, dst = rcv
+    (a, src_a), (b, src_b) = _sender(), _sender()
+    try:
+        pa, pb = a.connect(r.descriptor()), b.connect(r.descriptor())
+        r.grant("for-a", _blocks(dst, [0]), writer=a.descriptor().incarnation)
+        r.grant("for-b", _blocks(dst, [1]), writer=b.descriptor().incarnation)
+        _wait_for(lambda: "for-a" in _offers(a) and "for-b" in _offers(b))
+        assert "for-b" not in _offers(a) and "for-a" not in _offers(b)
+        assert {tid: len(o) for tid, o in _held(r).items()} == {"for-a": 1, "for-b": 1}
+        a.wait(a.write(pa, TransferPlan(TransferId("for-a"), _blocks(src_a, [0]), _blocks(dst, [0]))), 10)
+        # the writer named is who is offered, not who may write: another peer's write Asks
+        b.wait(b.write(pb, TransferPlan(TransferId("for-b"), _blocks(src_b, [1]), _blocks(dst, [1]))), 10)
+        assert a.stats == {"asks": 0, "offers_used": 1} and b.stats == {"asks": 0, "offers_used": 1}
+        r.grant("for-a-again", _blocks(dst, [2]), writer=a.descriptor().incarnation)
+        b.wait(b.write(pb, TransferPlan(TransferId("for-a-again"), _blocks(src_b, [2]), _blocks(dst, [2]))), 10)
+        assert b.stats["asks"] == 1
+        for tid in ("for-a", "for-b", "for-a-again"):
+            r.wait_recv(tid, 10)
+        _wait_for(lambda: _held(r) == {} and _offers(a) == {})
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_grant_made_anew_under_the_same_id_is_written_on_its_own_offer(rcv) -> None:  # type: ignore[no-untyped-def]
+    r, dst = rcv
+    s, src = _sender()
+    try:
+        peer = s.connect(r.descriptor())
+        for round_ in range(3):
+            r.grant("again", _blocks(dst, [3, 4]))
+            _wait_for(lambda: "again" in _offers(s))
+            plan = TransferPlan(TransferId("again"), _blocks(src, [round_, round_ + 5]), _blocks(dst, [3, 4]))
+            s.wait(s.write(peer, plan), 10)
+            assert r.wait_recv("again", 10).nbytes == 2 * BLOCK
+            assert np.array_equal(dst[3 * BLOCK : 4 * BLOCK], src[round_ * BLOCK : (round_ + 1) * BLOCK])
+        assert s.stats == {"asks": 0, "offers_used": 3} and r.rejections == []
+    finally:
+        s.close()
+
+
+def test_withdrawing_from_a_long_quiet_peer_does_not_declare_it_gone() -> None:
+    r = create("nixl", peer_timeout_s=0.5)
+    dst = np.full(4 * BLOCK, 0xA5, dtype=np.uint8)
+    r.register([region_of(dst)])
+    s, src = _sender()
+    try:
+        peer = s.connect(r.descriptor())
+        time.sleep(1.0)  # quiet for twice the receiver's peer_timeout_s
+        r.grant("g", _blocks(dst, [0]))
+        _wait_for(lambda: "g" in _offers(s))
+        # the sender's answer takes a while (its NIXL thread busy for 0.35 s): the receiver
+        # checks liveness meanwhile, with the sender's last word over a second old
+        busy = threading.Thread(target=lambda: s._io.call(lambda: time.sleep(0.35)))
+        busy.start()
+        time.sleep(0.02)
+        r.revoke("g")
+        busy.join(5)
+        time.sleep(0.3)  # liveness checks run every 0.1 s
+        assert r._io.call(lambda: [p.gone for p in r._peers.values()]) == [None]
+        r.grant("h", _blocks(dst, [1]))
+        s.wait(s.write(peer, TransferPlan(TransferId("h"), _blocks(src, [0]), _blocks(dst, [1]))), 10)
+        assert r.wait_recv("h", 10).nbytes == BLOCK
+    finally:
+        s.close()
+        r.close()
+
+
+def test_revoke_many_withdraws_every_offer_in_one_round(rcv) -> None:  # type: ignore[no-untyped-def]
+    r, dst = rcv
+    s, _ = _sender()
+    try:
+        s.connect(r.descriptor())
+        tids = [f"req#{layer}" for layer in range(16)]
+        for layer, tid in enumerate(tids):
+            r.grant(tid, _blocks(dst, [layer]))
+        _wait_for(lambda: len(_offers(s)) == 16)
+        t0 = time.monotonic()
+        r.revoke_many(tids)
+        took = time.monotonic() - t0
+        assert took < 0.5, f"revoke_many of 16 offered grants took {took:.3f}s"
+        assert _held(r) == {} and _offers(s) == {} and r.rejections == []
+    finally:
+        s.close()
+
+
+def test_an_offer_whose_send_fails_does_not_lose_track_of_the_others(rcv) -> None:  # type: ignore[no-untyped-def]
+    from pdfabric.errors import PeerGone
+    from pdfabric.transports import _nixl_wire as w
+
+    r, dst = rcv
+    (a, _), (b, _) = _sender(), _sender()
+    try:
+        a.connect(r.descriptor())
+        b.connect(r.descriptor())
+        dead = a.descriptor().incarnation
+        send = r._send
+
+        def failing(p: Any, m: Any, raw: bytes = b"") -> bool:  # a's Offer fails as a send to a dead peer does
+            if isinstance(m, w.Offer) and p.incarnation == dead:
+                r._gone(p, PeerGone("send failed", peer=p.label, transport="nixl"))
+                return False
+            return send(p, m, raw)
+
+        r._send = failing
+        first = r._io.call(lambda: next(iter(r._peers.values())).incarnation)
+        assert first == dead, "the failing peer must be offered first"
+        r.grant("g", _blocks(dst, [0]))
+        _wait_for(lambda: "g" in _offers(b))
+        assert [len(o) for o in _held(r).values()] == [1]  # b's offer, tracked
+        t0 = time.monotonic()
+        r.revoke("g")
+        assert time.monotonic() - t0 < 0.5 and _offers(b) == {} and _held(r) == {}
     finally:
         a.close()
         b.close()

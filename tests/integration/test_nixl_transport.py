@@ -278,6 +278,8 @@ def test_writer_that_dies_after_its_approval_fails_the_grant(pair, mode: str) ->
         proc.stdin.write(json.dumps({"descriptor": encode_descriptor(rcv.descriptor()), "segs": segs}) + "\n")
         proc.stdin.flush()
         assert proc.stdout.readline().strip() == "approved"
+        if mode == "begin":  # the Begin was sent, not answered: wait until the receiver has it
+            _wait_for(lambda: rcv._io.call(lambda: any(a.begun for q in rcv._peers.values() for a in q.approved.values())))
         os.kill(proc.pid, signal.SIGKILL)
         t0 = time.monotonic()
         with pytest.raises(PeerGone, match="peer process exited"):

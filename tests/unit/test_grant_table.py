@@ -7,6 +7,7 @@ loop does. Each test names the module docstring's Rule it checks where there is 
 
 from __future__ import annotations
 
+import time
 
 import numpy as np
 import pytest
@@ -509,3 +510,73 @@ def test_large_grant_checked_a_few_segments_at_a_time_agrees_with_the_definition
     edge = np.array([[int(starts[5]), int(ends[5] - starts[5])]], dtype=np.uint64)
     assert g.first_outside(edge) == -1  # exactly one whole range
     assert g.first_outside(edge + np.array([[0, 1]], dtype=np.uint64)) == 0  # one byte past it
+
+
+# ------------------------------------------------------------------ holds (nixl offers), on_ended, revoke_many
+
+
+def test_live_hold_and_end_write_of_a_whole_grant(rx: Receiver) -> None:
+    rx.table.grant("g", [rx.region(0, 64), rx.region(128, 64)], writer="peer-x")
+    token, ranges, writer = rx.table.live("g")  # type: ignore[misc]
+    assert ranges.tolist() == [[rx.base, 64], [rx.base + 128, 64]] and writer == "peer-x"
+    assert rx.table.hold(token, CONN_A)
+    # a hold is an open write: revoke waits for it (drain_s, then the connection is cut)
+    cut: list[object] = []
+    rx.table._kill_conn = lambda conn: (cut.append(conn), rx.table.end_write(token, conn, 0))  # type: ignore[assignment]
+    rx.table.revoke("g")
+    assert cut == [CONN_A]
+    assert rx.table.live("g") is None and not rx.table.hold(token, CONN_B)  # ended: no new holds
+
+
+def test_hold_of_a_grant_made_anew_under_the_same_id_is_refused(rx: Receiver) -> None:
+    rx.table.grant("g", [rx.region(0, 64)])
+    old, _, _ = rx.table.live("g")  # type: ignore[misc]
+    rx.table.revoke("g")
+    rx.table.grant("g", [rx.region(0, 64)])
+    assert not rx.table.hold(old, CONN_A)
+    new, _, writer = rx.table.live("g")  # type: ignore[misc]
+    assert new is not old and writer is None and rx.table.hold(new, CONN_A)
+    rx.table.end_write(new, CONN_A, 0)
+
+
+def test_on_ended_names_each_grant_that_ends_other_than_done() -> None:
+    ended: list[tuple[str, object]] = []
+    rx = Receiver()
+    rx.table._on_ended = lambda tid, token: ended.append((tid, token))  # type: ignore[assignment]
+    for tid in ("done", "revoked", "failed"):
+        rx.table.grant(tid, [rx.region(0, 64)] if tid == "done" else [rx.region(64 * (1 + len(ended)), 8)])
+    done_token = rx.table.live("done")[0]  # type: ignore[index]
+    revoked_token = rx.table.live("revoked")[0]  # type: ignore[index]
+    rx.write("done", 0, b"x" * 64)
+    assert rx.table.stream_end("done", CONN_A, 64, 1, 64, b"") is None
+    rx.table.revoke("revoked")
+    with pytest.raises(GrantRefused):
+        rx.write("failed", 4000, b"y")  # outside its grant
+    assert [t for t, _ in ended] == ["revoked", "failed"]
+    assert ended[0][1] is revoked_token and all(tok is not done_token for _, tok in ended)
+
+
+def test_revoke_many_ends_every_grant_before_draining_any() -> None:
+    rx = Receiver(drain_s=0.2)
+    tids = [f"l{i}" for i in range(4)]
+    tokens = []
+    for i, tid in enumerate(tids):
+        rx.table.grant(tid, [rx.region(64 * i, 64)])
+        tok = rx.table.live(tid)[0]  # type: ignore[index]
+        assert rx.table.hold(tok, (CONN_A, i))
+        tokens.append(tok)
+    ended_before_drain: list[int] = []
+
+    def on_ended(tid: str, token: object) -> None:
+        ended_before_drain.append(len(ended_before_drain))
+        # answer at once, as a holder does when asked: the drain that follows finds it done
+        rx.table.end_write(token, (CONN_A, tids.index(tid)), 0)
+
+    rx.table._on_ended = on_ended  # type: ignore[assignment]
+    t0 = time.monotonic()
+    rx.table.revoke_many(tids)
+    assert len(ended_before_drain) == 4
+    assert time.monotonic() - t0 < 0.2, "a drain waited: the holds were not ended first"
+    for tid in tids:
+        with pytest.raises(TransferAborted):
+            rx.table.wait(tid, 0.1)

@@ -29,7 +29,7 @@ LAYOUT = LayoutInfo(geometry={"dtype": "bf16", "layers": 2}, layer_addrs=[4096, 
 
 SAMPLES = [
     Hello(WIRE_VERSION, "decode-0", {"model": "tiny", "block_size": 32}, LAYOUT, b"\x00\x01peer"),
-    HelloOk("prefill-0", {"model": "tiny", "block_size": 32}),
+    HelloOk("prefill-0", {"model": "tiny", "block_size": 32}, "a" * 32),
     Refuse("fingerprint differs: block_size 16 != 32"),
     Grant("t-1", "decode-0", [3, 4, 5], 1, 100, 30.0),
     Abort("t-1", "timed out"),

@@ -93,6 +93,9 @@ class Capabilities:
     same_host_only: bool = False
     same_process_only: bool = False
     notifications: bool = True
+    # a write the receiver approved ahead of time (nixl's offers) can complete with the
+    # receiver's process stopped: one-sided, no receiver code runs while the bytes move
+    one_sided: bool = False
 
 
 class PeerDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

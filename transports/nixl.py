@@ -152,7 +152,7 @@ class NixlTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
     """Push transport over a NIXL agent (UCX backend); DRAM or VRAM; any hosts."""
 
     name = "nixl"
-    capabilities = Capabilities(push=True, device_memory=True)
+    capabilities = Capabilities(push=True, device_memory=True, one_sided=True)
 
     def __init__(
         self,

@@ -31,6 +31,7 @@ def render(proxy: "Proxy") -> str:
         f'pdfabric_proxy_decode_alone_total{{reason="policy"}} {c["decode_alone"]}',
         f'pdfabric_proxy_decode_alone_total{{reason="prefill_failed"}} {c["decode_alone_after_failure"]}',
         f'pdfabric_proxy_decode_alone_total{{reason="cached"}} {c["decode_alone_cached"]}',
+        f'pdfabric_proxy_decode_alone_total{{reason="no_prefill"}} {c["decode_alone_no_prefill"]}',
         "# TYPE pdfabric_proxy_leg_seconds summary",
         f'pdfabric_proxy_leg_seconds_sum{{leg="prefill"}} {s["prefill"]:.6f}',
         f'pdfabric_proxy_leg_seconds_count{{leg="prefill"}} {c["prefill_n"]}',

@@ -21,6 +21,9 @@ Rules:
    holds all but a short rest of goes to a decode engine alone (``decode_alone_cached``),
    its exact token count replaces the estimate, and ``x-pdfabric-cached-tokens`` tells the
    client what was found. A lookup that fails changes nothing.
+8. With no healthy prefill engine at all, a prompt long enough to disaggregate is served by
+   a decode engine alone: counted (``decode_alone_no_prefill``) and logged (once, then at
+   most every ``_NO_PREFILL_LOG_S`` seconds with the count since), never silently.
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: b
                     proxy.stats.counters["decode_alone_after_failure"] += 1
                     log.warning("pdfabric proxy: decode engine %s serves a request alone (recomputes): %s",
                                 choice.decode.name, reason)
+                elif not alone and not prefills and tokens >= settings.disaggregate_min_tokens:
+                    _no_prefill(proxy, choice.decode.name, tokens)
                 else:
                     proxy.stats.counters["decode_alone_cached" if alone else "decode_alone"] += 1
         except _DecodeFailed as e:  # Rule 5: nothing reached the client yet
@@ -115,6 +120,22 @@ class _DecodeFailed(Exception):
     def __init__(self, e: LegFailed) -> None:
         super().__init__(str(e))
         self.instance, self.why, self.timed_out = e.instance, e.why, e.timed_out
+
+
+_NO_PREFILL_LOG_S = 30.0
+
+
+def _no_prefill(proxy: "Proxy", decode: str, tokens: int) -> None:
+    """Rule 8."""
+    c = proxy.stats.counters
+    c["decode_alone_no_prefill"] += 1
+    now = time.monotonic()
+    last = proxy.no_prefill_logged
+    if last is None or now - last[0] >= _NO_PREFILL_LOG_S:
+        since = c["decode_alone_no_prefill"] - (last[1] if last else 0)
+        log.warning("pdfabric proxy: no healthy prefill instance: decode engine %s serves a %d-token prompt alone "
+                    "(recomputes; %d such request(s) since the last report)", decode, tokens, since)
+        proxy.no_prefill_logged = (now, c["decode_alone_no_prefill"])
 
 
 def _prefill_failed(proxy: "Proxy", e: LegFailed) -> str:

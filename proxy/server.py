@@ -2,7 +2,8 @@
 and a decode engine (aiohttp on uvloop).
 
 Endpoints: ``/v1/completions``, ``/v1/chat/completions`` (streaming passed through chunk by
-chunk, or not), ``/v1/models``, ``/health``, ``/metrics`` and the admin API
+chunk, or not), ``/v1/models``, ``/health`` (200 once a decode engine is healthy, else 503),
+``/live`` (200 while the proxy serves HTTP), ``/metrics`` and the admin API
 ``/admin/instances`` (GET list, POST add), ``/admin/instances/{name}/drain`` (POST) and
 ``/admin/instances/{name}`` (DELETE).
 
@@ -87,6 +88,7 @@ class Proxy:
         self.router = Router(settings.policy, settings.disaggregate_min_tokens)
         self.upstream = Upstream(settings.leg_timeout_s)
         self.stats = _Stats()
+        self.no_prefill_logged: tuple[float, int] | None = None  # route.py Rule 8: (when, count then)
         self.cache = _cache_view(settings)  # None: no lookups, no cost (cache_view.py Rule 1)
         self._health_task: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
@@ -99,6 +101,7 @@ class Proxy:
         r.add_post("/v1/chat/completions", self._chat)
         r.add_get("/v1/models", self._models)
         r.add_get("/health", self._health)
+        r.add_get("/live", self._live)
         r.add_get("/metrics", self._metrics)
         r.add_get("/admin/instances", self._admin_list)
         r.add_post("/admin/instances", self._admin_add)
@@ -161,6 +164,9 @@ class Proxy:
     async def _health(self, _: web.Request) -> web.Response:
         ok = bool(self.registry.decodes())
         return web.json_response({"status": "ok" if ok else "no healthy decode instance"}, status=200 if ok else 503)
+
+    async def _live(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
 
     async def _models(self, _: web.Request) -> web.Response:
         name = self.settings.model

@@ -4,7 +4,9 @@ Preflight (ports, model, vLLM, transports), then every engine in parallel and th
 with a progress display; then the post-start checks (layout fingerprints equal, each
 prefill -> decode link probed with a real transfer, its GB/s printed) and the endpoint
 table. ``--demo`` sends the demo questions and exits (``--serve`` keeps serving);
-``--dry-run`` prints the exact commands and environment and starts nothing. Ctrl-C or
+``--dry-run`` prints the exact commands and environment and starts nothing. ``--only NAMES``
+starts just those processes (one launch per host for a topology spread over several
+hosts); its checks cover only the engines it started. Ctrl-C or
 SIGTERM stops everything, by process id. Exit codes: 0 ok, 1 a process or check failed,
 2 bad input (topology, preflight).
 """
@@ -31,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--serve", action="store_true", help="with --demo: keep serving afterwards")
     p.add_argument("--log-dir", type=Path, default=Path("pdfabric-logs"), help="one log file per process (default: pdfabric-logs)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each group (engines, proxy) to be ready (default: 600)")
+    p.add_argument("--only", metavar="NAMES",
+                   help="start only these processes (comma-separated instance names, proxy, cache-server): "
+                        "one launch per host when the topology spans several hosts")
     p.add_argument("--platform", choices=["auto", "cpu", "cuda"], default="auto",
                    help="engine environment: CPU core binding or CUDA devices (auto: from the installed vLLM)")
     p.set_defaults(func=run)
@@ -42,15 +47,21 @@ def run(args: argparse.Namespace) -> int:
 
     from pdfabric.config import load_topology
     from pdfabric.errors import ConfigError
-    from pdfabric.launch.plan import build_plan, detect_platform
+    from pdfabric.launch.plan import build_plan, detect_platform, select_processes
 
     console = Console(stderr=True)
     try:
         topo = load_topology(args.file, check_secrets=not args.dry_run)
+        only = select_processes(topo, args.only) if args.only is not None else None
+        if only is not None and args.demo and "proxy" not in only:
+            raise ConfigError("--demo sends its questions through the proxy: add proxy to --only, or drop --demo")
         platform = detect_platform() if args.platform == "auto" else args.platform
-        model = _model_dir(topo, args.dry_run)
+        engines_here = only is None or any(i.name in only for i in topo.instances)
+        model = _model_dir(topo, args.dry_run or not engines_here)
         secret = None if topo.secret is not None else os.urandom(16).hex()
         plan = build_plan(topo, Path(args.file).resolve(), model, platform, launch_secret=secret)
+        if only is not None:
+            plan = _select(plan, only)
     except ConfigError as e:
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return 2
@@ -60,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from pdfabric.launch.preflight import preflight
 
-    problems = preflight(topo, plan, platform)
+    problems = preflight(topo, plan, platform)  # the processes this launch starts
     for msg in problems:
         console.print(f"[red]preflight:[/] {escape(msg)}", highlight=False)
     if problems:
@@ -69,8 +80,21 @@ def run(args: argparse.Namespace) -> int:
     return _run(topo, plan, args, key, console)
 
 
+def _select(plan: list[Any], only: set[str]) -> list[Any]:
+    """The named processes. A proxy whose engines another launch starts is ready once it
+    serves HTTP (``/live``): its ``/health`` waits for a healthy decode engine."""
+    from dataclasses import replace
+
+    picked = [spec for spec in plan if spec.name in only]
+    if any(spec.kind == "engine" and spec.name not in only for spec in plan):
+        picked = [replace(s, ready_url=s.ready_url.rsplit("/", 1)[0] + "/live") if s.kind == "proxy" else s
+                  for s in picked]
+    return picked
+
+
 def _model_dir(topo: Any, dry_run: bool) -> Path:
-    """The model directory; a dry run neither builds nor checks it."""
+    """The model directory; a dry run (or a launch that starts no engine) neither builds nor
+    checks it."""
     if dry_run and topo.model.builtin == "tiny-llama":
         from pdfabric.testing.tinymodel import default_cache_root, recipe_digest
 
@@ -92,8 +116,9 @@ def _run(topo: Any, plan: list[Any], args: argparse.Namespace, key: bytes, conso
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         runner.start(args.timeout)
-        post_start_checks(topo, key, console)
-        console.print(endpoints_table(topo, args.log_dir))
+        here = {spec.name for spec in plan}
+        post_start_checks(topo, key, console, here)
+        console.print(endpoints_table(topo, args.log_dir, here))
         if args.demo:
             from pdfabric.launch.demo import run_demo
 

@@ -28,8 +28,12 @@ def _status(inst: Any, key: bytes) -> Any:
     return query_status(f"{inst.host}:{inst.control_port}", key)
 
 
-def post_start_checks(topo: Topology, key: bytes, console: Console, probe_tokens: int = 1500) -> None:
-    with_ctl = [i for i in topo.instances if i.control_port is not None]
+def post_start_checks(topo: Topology, key: bytes, console: Console, here: set[str] | None = None,
+                      probe_tokens: int = 1500) -> None:
+    """``here``: the processes this launch started (None: all); only their engines are
+    checked, and only links with both ends among them are probed."""
+    mine = [i for i in topo.instances if here is None or i.name in here]
+    with_ctl = [i for i in mine if i.control_port is not None]
     prints = {i.name: {k: v for k, v in _status(i, key).fingerprint.items() if k != "tp_rank"} for i in with_ctl}
     if len({tuple(sorted(p.items())) for p in prints.values()}) > 1:
         raise RuntimeError(f"layout fingerprints differ between engines: {prints}")
@@ -40,8 +44,11 @@ def post_start_checks(topo: Topology, key: bytes, console: Console, probe_tokens
     # a new prompt every launch: one the shared cache (or an engine's prefix cache) already
     # holds from an earlier run would be served without a transfer
     prompt = make_prompt(min(probe_tokens, limit), seed=int.from_bytes(os.urandom(4), "little"), vocab=1000)
-    for p in (i for i in topo.instances if i.can_prefill and i.control_port is not None):
-        for d in (i for i in topo.instances if i.can_decode and i is not p):
+    elsewhere = [i.name for i in topo.instances if i not in mine]
+    if elsewhere:
+        console.print(f"not checked here (another launch starts them): {escape(', '.join(elsewhere))}", highlight=False)
+    for p in (i for i in mine if i.can_prefill and i.control_port is not None):
+        for d in (i for i in mine if i.can_decode and i is not p):
             before = _status(d, key).counters.get("recomputes", 0) if d.control_port else 0
             r = pair_completion(f"http://{p.host}:{p.port}", f"http://{d.host}:{d.port}", f"{p.host}:{p.control_port}",
                                 {"model": topo.model.display_name, "prompt": prompt, "max_tokens": 1}, timeout=120)
@@ -55,13 +62,15 @@ def post_start_checks(topo: Topology, key: bytes, console: Console, probe_tokens
                           f"{secs * 1000:.1f} ms = {nbytes / max(secs, 1e-9) / 1e9:.2f} GB/s", highlight=False)
 
 
-def endpoints_table(topo: Topology, log_dir: Path) -> Table:
+def endpoints_table(topo: Topology, log_dir: Path, here: set[str] | None = None) -> Table:
+    """The endpoints of the processes this launch started (``here``; None: all)."""
     t = Table(title=f"{escape(topo.name)}: endpoints")
     for col in ("name", "role", "OpenAI endpoint", "control", "log"):
         t.add_column(col)
     px = topo.proxy
-    t.add_row("proxy", "router", escape(f"http://{px.host}:{px.port}/v1"), "-", escape(str(log_dir / "proxy.log")))
-    for i in topo.instances:
+    if here is None or "proxy" in here:
+        t.add_row("proxy", "router", escape(f"http://{px.host}:{px.port}/v1"), "-", escape(str(log_dir / "proxy.log")))
+    for i in (i for i in topo.instances if here is None or i.name in here):
         ctl = f"{i.host}:{i.control_port}" if i.control_port else "-"
         t.add_row(*(escape(x) for x in (i.name, i.role, f"http://{i.host}:{i.port}/v1", ctl, str(log_dir / f"{i.name}.log"))))
     return t

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pdfabric.config.models import Instance, Topology
 
-__all__ = ["ProcSpec", "build_plan", "LAUNCH_SECRET_ENV", "Platform"]
+__all__ = ["ProcSpec", "build_plan", "select_processes", "LAUNCH_SECRET_ENV", "Platform"]
 
 LAUNCH_SECRET_ENV = "PDFABRIC_LAUNCH_SECRET"
 Platform = Literal["cpu", "cuda"]
@@ -61,6 +61,31 @@ def build_plan(topo: Topology, topology_file: Path, model_dir: Path, platform: P
         f"http://{px.host}:{px.port}/health", ((px.host, px.port),),
     ))
     return plan
+
+
+def select_processes(topo: Topology, only: str) -> set[str]:
+    """The process names of ``--only NAMES`` (comma-separated: instance names, ``proxy``,
+    ``cache-server``). A topology spread over several hosts is started by one launch per
+    host, each naming its own processes. Engines that separate launches start must share
+    the topology's ``secret``: without one each launch would make its own."""
+    from pdfabric.errors import ConfigError
+
+    engines = [i.name for i in topo.instances]
+    known = [*(["cache-server"] if topo.cache is not None and topo.cache.server is not None else []), *engines, "proxy"]
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"names no process; expected a comma-separated list of {', '.join(known)}", path="--only")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"{', '.join(map(repr, unknown))} is not a process of this topology; expected some of "
+                          f"{', '.join(known)}", path="--only")
+    picked = set(names)
+    split = 0 < len(picked & set(engines)) < len(engines)
+    if split and topo.secret is None:
+        raise ConfigError(f"starts some of the engines but {topo.source or 'the topology'} has no `secret`: engines "
+                          "started by separate launches must share one - add `secret: {env: NAME}` or "
+                          "`secret: {file: PATH}`", path="--only")
+    return picked
 
 
 def _engine(topo: Topology, inst: Instance, topology_file: Path, model_dir: Path, platform: Platform,

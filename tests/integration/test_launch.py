@@ -10,6 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -237,3 +240,138 @@ def test_cpu_1p1d_cache_demo_twice_with_the_cache_kept_between_launches(tmp_path
         assert "cache-server" in json.loads((logs / "pids.json").read_text())
         assert_all_gone(logs)
     assert any((tmp_path / "l2").rglob("*.kv"))  # the disk tier outlived both cache servers
+
+
+# -- --only: one launch per host -----------------------------------------------------------
+
+
+def test_only_prints_just_the_named_processes() -> None:
+    config = ROOT / "configs" / "multi-host-2p2d-nixl.yaml"
+    r = launch(str(config), "--dry-run", "--platform", "cuda", "--only", "prefill-b, proxy")
+    assert r.returncode == 0, r.stderr
+    assert re.findall(r"^# (\S+) ", r.stdout, re.M) == ["prefill-b", "proxy"]
+    assert '"instance":"prefill-b"' in r.stdout and "VLLM_HOST_IP=10.0.0.12" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("only", "extra", "expected"),
+    [
+        ("prefil-0", (), "--only: 'prefil-0' is not a process of this topology; expected some of prefill-0, decode-0, proxy"),
+        (" , ", (), "--only: names no process"),
+        ("prefill-0", (), "--only: starts some of the engines but"),
+        ("prefill-0,decode-0", ("--demo",), "--demo sends its questions through the proxy"),
+    ],
+    ids=["unknown-name", "empty", "split-engines-without-secret", "demo-without-proxy"],
+)
+def test_bad_only_is_refused_before_anything_starts(tmp_path: Path, only: str, extra: tuple[str, ...], expected: str) -> None:
+    topo = write_topology(tmp_path / "t.yaml")
+    logs = tmp_path / "logs"
+    r = launch(str(topo), "--only", only, *extra, "--log-dir", str(logs), env={"COLUMNS": "400"})
+    assert r.returncode == 2, r.stderr
+    assert expected in " ".join(r.stderr.split()), r.stderr
+    assert "Traceback" not in r.stderr and not logs.exists()
+
+
+def test_only_proxy_starts_no_engine_and_stops_it_on_sigterm(tmp_path: Path) -> None:
+    """The proxy's own host: no model is built or checked, no vLLM is needed, no engine's
+    port is touched (one is held here), and SIGTERM stops the proxy by its process id."""
+    topo = write_topology(tmp_path / "t.yaml", model={"path": str(tmp_path / "no-model-here"), "block_size": 32})
+    data = yaml.safe_load(topo.read_text())
+    logs = tmp_path / "logs"
+    with socket.socket() as held:  # an engine port in use: not this launch's business
+        held.bind(("127.0.0.1", data["instances"][0]["port"]))
+        held.listen()
+        err = tmp_path / "launch.err"
+        with open(err, "w") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "pdfabric.cli", "launch", str(topo), "--only", "proxy",
+                                     "--log-dir", str(logs)], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    env={**os.environ, "COLUMNS": "200"})
+        try:
+            _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 120)
+            assert list(json.loads((logs / "pids.json").read_text())) == ["proxy"]
+            base = f"http://127.0.0.1:{data['proxy']['port']}"
+            with urllib.request.urlopen(base + "/live", timeout=5) as resp:
+                assert resp.status == 200
+            with pytest.raises(urllib.error.HTTPError) as health:  # ready only once a decode engine is
+                urllib.request.urlopen(base + "/health", timeout=5)
+            health.value.close()
+            assert health.value.code == 503
+            assert "not checked here (another launch starts them): prefill-0, decode-0" in err.read_text()
+        finally:
+            _stop_launch(proc, ("--log-dir", str(logs)))
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    assert_all_gone(logs)
+
+
+@pytest.mark.timeout(900)
+def test_one_launch_per_host_serves_through_the_proxy(tmp_path: Path) -> None:
+    """A deployment spread over hosts, as its user starts it: one ``launch --only`` for the
+    prefill engine, one for the decode engine, one for the proxy, sharing the topology's
+    secret file. A completion through the proxy moves its KV from one launch's engine to
+    the other's (the decode connector counts the transfer, no recompute); SIGTERM stops
+    each launch and everything it started."""
+    from pdfabric.connector.control import query_status
+
+    secret = tmp_path / "secret"
+    secret.write_text(os.urandom(16).hex())
+    topo = write_topology(tmp_path / "t.yaml", secret={"file": str(secret)})
+    data = yaml.safe_load(topo.read_text())
+    procs: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
+    try:
+        for names in ("prefill-0", "decode-0", "proxy"):
+            logs, err = tmp_path / f"logs-{names}", tmp_path / f"{names}.err"
+            with open(err, "w") as f:
+                procs[names] = (subprocess.Popen([sys.executable, "-m", "pdfabric.cli", "launch", str(topo), "--only", names,
+                                                  "--log-dir", str(logs)], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                                 env={**os.environ, "COLUMNS": "200"}), logs, err)
+        for proc, _, err in procs.values():
+            _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 700)
+        assert "not checked here (another launch starts them): decode-0\n" in procs["prefill-0"][2].read_text()
+        from pdfabric.testing.fabric import make_prompt
+
+        proxy = f"http://127.0.0.1:{data['proxy']['port']}"
+        deadline = time.monotonic() + 60  # the proxy's health checks find the engines the other launches started
+        while not all(i["healthy"] for i in json.loads(urllib.request.urlopen(proxy + "/admin/instances", timeout=5)
+                                                        .read())["instances"]):
+            assert time.monotonic() < deadline, "the proxy never saw both engines healthy"
+            time.sleep(0.5)
+        body = {"model": "tiny-llama", "prompt": make_prompt(300, seed=7, vocab=1000), "max_tokens": 4}
+        req = urllib.request.Request(proxy + "/v1/completions", json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            answer = json.loads(resp.read())
+            assert resp.headers["x-pdfabric-prefill"] == "prefill-0"
+        assert answer["choices"][0]["text"] and answer["usage"]["prompt_tokens"] == 300
+        decode = data["instances"][1]
+        counters = query_status(f"127.0.0.1:{decode['control_port']}", secret.read_text().encode()).counters
+        assert counters.get("received", 0) >= 1 and counters.get("recomputes", 0) == 0, counters
+    finally:
+        for proc, logs, _ in procs.values():
+            _stop_launch(proc, ("--log-dir", str(logs)))
+    for name, (proc, logs, err) in procs.items():
+        assert proc.returncode == 0, f"{name}: {err.read_text()[-3000:]}"
+        assert list(json.loads((logs / "pids.json").read_text())) == [name]
+        assert_all_gone(logs)
+
+
+def _wait_for_text(proc: subprocess.Popen[bytes], out: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in out.read_text(errors="replace"):
+        if proc.poll() is not None:
+            raise AssertionError(f"the launch exited with {proc.returncode}:\n{out.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {text!r} within {timeout:g}s:\n{out.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _stop_launch(proc: subprocess.Popen[bytes], args: tuple[str, ...]) -> None:
+    """SIGTERM (the launch stops what it started), then SIGKILL; what its pids.json names
+    is killed too when it did not end in time."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        _kill_recorded(args)

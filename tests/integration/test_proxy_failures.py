@@ -275,3 +275,23 @@ def test_a_prefill_leg_failing_after_the_decode_answered_is_counted(make_stack: 
     s.prefills[0].faults.first_token_delay_s = 0.3  # fails after the decode leg's first bytes
     assert s.complete(LONG_PROMPT, stream=True).status_code == 200
     wait_until(lambda: s.metrics()["pdfabric_proxy_prefill_failures_late_total"] == 1, what="late failure counted")
+
+
+def test_no_healthy_prefill_serves_decode_alone_counted_and_logged(make_stack: MakeStack,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Every prefill engine down: a long prompt still gets an answer, from the decode engine
+    alone - never silently: its own counter, and one warning (not one per request)."""
+    s = make_stack(prefills=1, health_interval_s=0.2)
+    wait_until(lambda: all(e.health_checks for e in s.engines), what="first health probes")
+    s.stop_engine(s.prefills[0])
+    wait_until(lambda: not s.instance("p0")["healthy"], what="p0 marked down by its health check")
+    for _ in range(3):
+        r = s.complete(LONG_PROMPT)
+        assert r.status_code == 200, r.text
+        assert "x-pdfabric-prefill" not in r.headers and r.headers["x-pdfabric-decode"] == "d0"
+    assert all("kv_transfer_params" not in d.body for d in s.decodes[0].requests)
+    m = s.metrics()
+    assert m['pdfabric_proxy_decode_alone_total{reason="no_prefill"}'] == 3
+    assert m['pdfabric_proxy_decode_alone_total{reason="policy"}'] == 0 and m[DECODE_ALONE_FAILED] == 0
+    warned = [rec.getMessage() for rec in caplog.records if "no healthy prefill instance" in rec.getMessage()]
+    assert len(warned) == 1 and "decode engine d0 serves" in warned[0], warned

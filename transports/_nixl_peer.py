@@ -28,6 +28,7 @@ class Write:
     pieces: np.ndarray
     segs: bytes
     notify: bytes
+    dests: np.ndarray  # the pieces' destinations, sorted and merged: (k, 2) [start, length]
     xfer: Any = None
     own_lists: tuple[Any, ...] = ()  # prepared only for this write; released with it
 

@@ -30,8 +30,6 @@ from pdfabric.errors import (
     TransportError,
 )
 
-from pdfabric.memory import merge_columns
-
 from . import _nixl_wire as w
 from ._nixl_agent import NIXL_ERRORS, nixl_error, why
 from ._nixl_dlists import MEM_NAMES, DlistCache, RegSet, block_indices, granule, map_pieces
@@ -54,15 +52,10 @@ CODE_ERRORS: dict[int, type[TransportError]] = {
 }
 
 
-def _fills(offer_segs: bytes, pieces: np.ndarray) -> bool:
-    """True when the pieces' destinations, merged, are exactly the offered grant."""
+def _fills(offer_segs: bytes, wr: Write) -> bool:
+    """True when the write's destinations, merged, are exactly the offered grant."""
     offered = w.unpack_segments(offer_segs)
-    if len(pieces) == 0 or int(pieces[:, 2].sum()) != int(offered[:, 1].sum()):
-        return False
-    starts, ends = merge_columns(pieces[:, 1], pieces[:, 2])
-    return len(starts) == len(offered) and bool(np.array_equal(starts, offered[:, 0])) and bool(
-        np.array_equal(ends - starts, offered[:, 1])
-    )
+    return len(wr.pieces) > 0 and offered.shape == wr.dests.shape and bool(np.array_equal(offered, wr.dests))
 
 
 class SenderRole:
@@ -101,7 +94,7 @@ class SenderRole:
         if not p.owes():
             p.last_heard = time.monotonic()  # silence counts from now
         offer = p.offers.get(wr.handle.transfer_id)
-        if offer is not None and _fills(offer[1], wr.pieces):
+        if offer is not None and _fills(offer[1], wr):
             self.stats["offers_used"] += 1
             del p.offers[wr.handle.transfer_id]
             wr.seq, wr.segs = offer  # the Done names the offer and digests its segments

@@ -9,7 +9,7 @@ import numpy as np
 
 from .base import TransferPlan
 
-__all__ = ["coalesce_plan", "check_no_overlap", "split_streams"]
+__all__ = ["coalesce_plan", "check_no_overlap", "dest_segments", "split_streams"]
 
 
 def coalesce_plan(plan: TransferPlan) -> np.ndarray:
@@ -40,6 +40,22 @@ def check_no_overlap(pieces: np.ndarray, tid: str) -> None:
     bad = np.flatnonzero(d[1:, 1] - d[:-1, 1] < d[:-1, 2])
     if len(bad):
         raise ValueError(f"plan {tid}: destination bytes at {int(d[bad[0] + 1, 1]):#x} are written twice")
+
+
+def dest_segments(pieces: np.ndarray, tid: str) -> np.ndarray:
+    """``check_no_overlap``, and the destinations it sorted, merged where they touch:
+    (k, 2) uint64 [start, length] in address order."""
+    if len(pieces) < 2:
+        return pieces[:, 1:3].copy()
+    d = pieces[np.argsort(pieces[:, 1], kind="stable")]
+    gap = d[1:, 1] - d[:-1, 1]  # sorted: no wrap-around
+    bad = np.flatnonzero(gap < d[:-1, 2])
+    if len(bad):
+        raise ValueError(f"plan {tid}: destination bytes at {int(d[bad[0] + 1, 1]):#x} are written twice")
+    brk = np.ones(len(d), dtype=bool)
+    brk[1:] = gap != d[:-1, 2]
+    idx = np.flatnonzero(brk)
+    return np.stack([d[idx, 1], np.add.reduceat(d[:, 2], idx)], axis=1)
 
 
 def split_streams(pieces: np.ndarray, k: int, min_bytes: int, total: int | None = None) -> list[np.ndarray]:

@@ -114,7 +114,7 @@ from ._nixl_dlists import MEM_NAMES, DlistCache, RegSet
 from ._nixl_peer import Peer, Write
 from ._nixl_receiver import ReceiverRole
 from ._nixl_sender import CODE_ERRORS, SenderRole
-from ._plan import check_no_overlap, coalesce_plan
+from ._plan import coalesce_plan, dest_segments
 from ._state import GrantReceiver, GrantTable, MemoryTable
 from .base import (
     MAX_NOTIFY_BYTES,
@@ -341,14 +341,14 @@ class NixlTransport(SenderRole, ReceiverRole, GrantReceiver, Transport):
             raise ValueError(f"notify payload of {len(notify)} bytes is over {MAX_NOTIFY_BYTES}")
         pieces = coalesce_plan(plan)
         self._mem.check(pieces[:, 0], pieces[:, 2])  # RegistrationError for unregistered sources
-        check_no_overlap(pieces, plan.transfer_id)
+        dests = dest_segments(pieces, plan.transfer_id)  # ValueError for overlapping destinations
         tid = plan.transfer_id
         handle = TransferHandle(tid, peer, plan.nbytes, self.name)
         with self._lock:
             if tid in p.tids:
                 raise ValueError(f"transfer {tid} to this peer is already in flight")
             p.tids.add(tid)
-        wr = Write(next(self._seq), handle, p, pieces, w.pack_segments(pieces[:, 1:3]), notify)
+        wr = Write(next(self._seq), handle, p, pieces, w.pack_segments(pieces[:, 1:3]), notify, dests)
         self._io.submit(lambda: self._ask(wr))
         if self._closed and not self._io.thread.is_alive():  # close() finished before it saw this write
             self._finish(wr, TransportClosed("transport closed", transfer_id=tid, transport=self.name))

@@ -135,3 +135,33 @@ def test_lists_over_the_entry_budget_are_not_built() -> None:
     assert d.dlist_rows(regs, 0, 8192) is not None
     built = d.dlist_rows(regs, 1, 4096)  # no VRAM registered: an empty list
     assert built is not None and built[0].shape == (0, 3) and built[1].tolist() == [0]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_locate_by_binary_search_agrees_with_a_pass_per_registration(seed: int) -> None:
+    """Disjoint registrations (some touching, in any order) are searched by start; the
+    answer must be the one the pass over every registration gives, for pieces inside,
+    across a boundary, outside, and starting or ending exactly on a boundary."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 40))
+    lens = rng.integers(1, 64, n) * 4096
+    gaps = rng.integers(0, 3, n) * 4096  # 0: touches the previous one
+    starts = (1 << 30) + np.cumsum(gaps + np.concatenate([[0], lens[:-1]]))
+    perm = rng.permutation(n)  # registration order is not address order
+    regs = d.RegSet.from_rows([(int(starts[i]), int(lens[i]), 0, 0) for i in perm], n)
+    assert regs._by_start is not None
+    edges = np.concatenate([starts, starts + lens])
+    addrs = np.concatenate([rng.integers(starts[0] - 8192, edges.max() + 8192, 300), edges, edges - 4096]).astype(np.uint64)
+    plen = np.concatenate([rng.integers(1, 70, len(addrs) - 8) * 1024, [4096, 1, 8192, 1 << 20, 3, 4096, 64, 1]])
+    plen = plen[: len(addrs)].astype(np.uint64)
+    fast = regs.locate(addrs, plen)
+    assert fast.tolist() == regs._locate_each(addrs, plen).tolist()
+    assert (fast >= 0).any() and (fast < 0).any()
+
+
+def test_overlapping_registrations_are_located_one_pass_each() -> None:
+    regs = _regs([(1 << 30, 4 * MiB), ((1 << 30) + 1 * MiB, 1 * MiB), ((1 << 30) + 8 * MiB, 1 * MiB)])
+    assert regs._by_start is None
+    got = regs.locate(np.array([(1 << 30) + 1 * MiB, 1 << 30, (1 << 30) + 8 * MiB], dtype=np.uint64),
+                      np.array([4096, 4096, 2 * MiB], dtype=np.uint64))
+    assert got.tolist() == [1, 0, -1]

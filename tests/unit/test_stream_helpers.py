@@ -12,7 +12,7 @@ import pytest
 
 from pdfabric.errors import GrantRefused, PeerGone, TransferAborted, TransferTimeout
 from pdfabric.memory import Region, RegionArray
-from pdfabric.transports._plan import coalesce_plan, split_streams
+from pdfabric.transports._plan import check_no_overlap, coalesce_plan, dest_segments, split_streams
 from pdfabric.transports.base import (
     MAX_TRANSFER_ID_BYTES,
     PeerId,
@@ -399,3 +399,23 @@ def test_latch_releases_every_waiter_once_set_and_times_out_before() -> None:
         w.join(10)
     assert woken == [True] * 5 and latch.is_set()
     assert latch.wait(0) is True and latch.wait(None) is True
+
+
+# ------------------------------------------------------------------ dest_segments
+
+
+def test_dest_segments_sorts_and_merges_touching_destinations() -> None:
+    pieces = np.array([[0, 300, 50], [500, 100, 100], [900, 200, 100], [70, 10, 5]], dtype=np.uint64)
+    segs = dest_segments(pieces, "t")
+    assert segs.dtype == np.uint64 and segs.tolist() == [[10, 5], [100, 250]]
+    assert dest_segments(pieces[:1], "t").tolist() == [[300, 50]]
+
+
+@pytest.mark.parametrize("rows", [[[0, 100, 50], [0, 120, 10]], [[0, 100, 50], [0, 100, 1]], [[0, 7, 1], [0, 0, 8]]])
+def test_dest_segments_refuses_what_check_no_overlap_refuses(rows: list[list[int]]) -> None:
+    pieces = np.array(rows, dtype=np.uint64)
+    with pytest.raises(ValueError, match="written twice") as a:
+        dest_segments(pieces, "t")
+    with pytest.raises(ValueError, match="written twice") as b:
+        check_no_overlap(pieces, "t")
+    assert str(a.value) == str(b.value)

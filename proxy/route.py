@@ -86,14 +86,7 @@ async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: b
                 opened.headers["x-pdfabric-prefill"] = choice.prefill.name
             else:
                 opened = await _leg(proxy, choice.decode, tokens, path, body, stream)
-                if reason:
-                    proxy.stats.counters["decode_alone_after_failure"] += 1
-                    log.warning("pdfabric proxy: decode engine %s serves a request alone (recomputes): %s",
-                                choice.decode.name, reason)
-                elif not alone and not prefills and tokens >= settings.disaggregate_min_tokens:
-                    _no_prefill(proxy, choice.decode.name, tokens)
-                else:
-                    proxy.stats.counters["decode_alone_cached" if alone else "decode_alone"] += 1
+                _decode_alone(proxy, choice.decode.name, tokens, reason, alone, not prefills)
         except _DecodeFailed as e:  # Rule 5: nothing reached the client yet
             decode_failures += 1
             decode_why = f"{e.instance.name} {e.why}"
@@ -123,6 +116,19 @@ class _DecodeFailed(Exception):
 
 
 _NO_PREFILL_LOG_S = 30.0
+
+
+def _decode_alone(proxy: "Proxy", decode: str, tokens: int, reason: str, cached: bool, no_prefill: bool) -> None:
+    """Count a request its decode engine serves alone; log it where it recomputes for want
+    of a prefill engine (Rules 2 and 8)."""
+    c = proxy.stats.counters
+    if reason:
+        c["decode_alone_after_failure"] += 1
+        log.warning("pdfabric proxy: decode engine %s serves a request alone (recomputes): %s", decode, reason)
+    elif not cached and no_prefill and tokens >= proxy.settings.disaggregate_min_tokens:
+        _no_prefill(proxy, decode, tokens)
+    else:
+        c["decode_alone_cached" if cached else "decode_alone"] += 1
 
 
 def _no_prefill(proxy: "Proxy", decode: str, tokens: int) -> None:

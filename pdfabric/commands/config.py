@@ -2,7 +2,8 @@
 
 ``pdfabric config check FILE`` validates FILE (secret references included) and prints a
 summary of the resolved topology; ``pdfabric config show FILE [--json]`` prints the fully
-resolved model, defaults filled in. Both exit 0 on success and 2 on a configuration
+resolved model, defaults filled in; ``pdfabric config list`` names the built-in topologies,
+which both take in place of a FILE. Both exit 0 on success and 2 on a configuration
 error, which is printed as ``error: <message>`` lines on stderr (never a traceback).
 """
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from pdfabric.config import CacheConfig, CacheTier, SecretRef, Topology, TransportConfig
     from pdfabric.errors import ConfigError
 
-__all__ = ["register", "run_check", "run_show"]
+__all__ = ["register", "run_check", "run_show", "run_list"]
 
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="validate a topology file and print a summary",
         description="Validate FILE, check that its secret references resolve, print a summary.",
     )
-    check.add_argument("file", metavar="FILE", help="topology YAML file")
+    check.add_argument("file", metavar="FILE", help="topology YAML file, or a built-in topology's name")
     check.add_argument(
         "--skip-secrets",
         action="store_true",
@@ -49,9 +50,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="print the fully resolved topology (defaults filled in)",
         description="Print FILE's resolved topology as YAML, or JSON with --json.",
     )
-    show.add_argument("file", metavar="FILE", help="topology YAML file")
+    show.add_argument("file", metavar="FILE", help="topology YAML file, or a built-in topology's name")
     show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     show.set_defaults(func=run_show)
+    listing = sub.add_parser(
+        "list",
+        help="the built-in topologies (usable by name wherever a FILE is taken)",
+        description="List the topologies shipped with pdfabric, with the first line of each.",
+    )
+    listing.set_defaults(func=run_list)
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -59,8 +66,10 @@ def run_check(args: argparse.Namespace) -> int:
     from pdfabric.config import load_topology
     from pdfabric.errors import ConfigError
 
+    from pdfabric.config.builtin import topology_path
+
     try:
-        topology = load_topology(args.file, check_secrets=not args.skip_secrets)
+        topology = load_topology(topology_path(args.file)[0], check_secrets=not args.skip_secrets)
     except ConfigError as exc:
         return _fail(exc)
     _print_summary(topology, secrets_checked=not args.skip_secrets)
@@ -72,8 +81,10 @@ def run_show(args: argparse.Namespace) -> int:
     from pdfabric.config import load_topology
     from pdfabric.errors import ConfigError
 
+    from pdfabric.config.builtin import topology_path
+
     try:
-        topology = load_topology(args.file)
+        topology = load_topology(topology_path(args.file)[0])
     except ConfigError as exc:
         return _fail(exc)
     if args.json:
@@ -83,6 +94,17 @@ def run_show(args: argparse.Namespace) -> int:
 
         print(f"# {args.file}, resolved (defaults filled in, sizes in bytes)")
         print(yaml.safe_dump(topology.model_dump(mode="json"), sort_keys=False), end="")
+    return EXIT_OK
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """``config list``: each built-in topology's name and what its first comment line says."""
+    from pdfabric.config.builtin import DEFAULT, builtin_dir, builtin_names
+
+    for name in builtin_names():
+        first = (builtin_dir() / f"{name}.yaml").read_text(encoding="utf-8").splitlines()[:1]
+        about = first[0].lstrip("# ").removeprefix(f"{name} - ").strip() if first else ""
+        print(f"{name:24s} {about}{' (the default of pdfabric launch)' if name == DEFAULT else ''}")
     return EXIT_OK
 
 

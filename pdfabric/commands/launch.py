@@ -27,7 +27,9 @@ __all__ = ["register", "run"]
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("launch", help="start engines and proxy from a topology file",
                               description="Start every engine and the proxy of a topology; stop them on Ctrl-C.")
-    p.add_argument("file", metavar="FILE", help="topology YAML (e.g. configs/cpu-1p1d-tcp.yaml)")
+    p.add_argument("file", metavar="FILE", nargs="?",
+                   help="topology YAML, or the name of a built-in one (`pdfabric config list`); "
+                        "default: the built-in cpu-1p1d-tcp")
     p.add_argument("--dry-run", action="store_true", help="print the commands and environment, start nothing")
     p.add_argument("--demo", action="store_true", help="send the demo questions through the proxy, then stop")
     p.add_argument("--serve", action="store_true", help="with --demo: keep serving afterwards")
@@ -46,12 +48,17 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from pdfabric.config import load_topology
+    from pdfabric.config.builtin import topology_path
     from pdfabric.errors import ConfigError
     from pdfabric.launch.plan import build_plan, detect_platform, select_processes
 
     console = Console(stderr=True)
     try:
-        topo = load_topology(args.file, check_secrets=not args.dry_run)
+        file, builtin = topology_path(args.file)
+        # a built-in topology runs from a copy in the log directory: the processes read it
+        # there, and its relative paths (a disk cache tier) land there, not in the package
+        run_file = file if args.dry_run or not builtin else args.log_dir / file.name
+        topo = load_topology(file, check_secrets=not args.dry_run)
         only = select_processes(topo, args.only) if args.only is not None else None
         if only is not None and args.demo and "proxy" not in only:
             raise ConfigError("--demo sends its questions through the proxy: add proxy to --only, or drop --demo")
@@ -59,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         engines_here = only is None or any(i.name in only for i in topo.instances)
         model = _model_dir(topo, args.dry_run or not engines_here)
         secret = None if topo.secret is not None else os.urandom(16).hex()
-        plan = build_plan(topo, Path(args.file).resolve(), model, platform, launch_secret=secret)
+        plan = build_plan(topo, run_file.resolve(), model, platform, launch_secret=secret)
         if only is not None:
             plan = _select(plan, only)
     except ConfigError as e:
@@ -76,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]preflight:[/] {escape(msg)}", highlight=False)
     if problems:
         return 2
+    if run_file != file:
+        console.print(f"topology: built-in {escape(file.stem)} (copied to {escape(str(run_file))})", highlight=False)
+        run_file.parent.mkdir(parents=True, exist_ok=True)
+        run_file.write_bytes(file.read_bytes())
     key = (topo.shared_secret() or secret or "").encode()
     return _run(topo, plan, args, key, console)
 

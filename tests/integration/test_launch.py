@@ -375,3 +375,42 @@ def _stop_launch(proc: subprocess.Popen[bytes], args: tuple[str, ...]) -> None:
         proc.kill()
         proc.wait(10)
         _kill_recorded(args)
+
+
+def test_without_a_file_the_built_in_default_is_launched() -> None:
+    r = launch("--dry-run", "--platform", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert re.findall(r"^# (\S+) ", r.stdout, re.M) == ["prefill-0", "decode-0", "proxy"]
+    assert "cpu-1p1d-tcp.yaml" in r.stdout and "--port 8100" in r.stdout
+
+
+def test_a_built_in_topology_runs_from_a_copy_in_the_log_directory(tmp_path: Path) -> None:
+    """By name: the processes read a copy in the log directory (relative paths of the
+    topology land there, not in the installed package); a refused launch copies nothing."""
+    logs = tmp_path / "logs"
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            held.bind(("127.0.0.1", 8000))  # the built-in proxy port
+        except OSError:
+            pytest.skip("port 8000 is in use on this machine: cannot hold it for the refusal check")
+        held.listen()
+        r = launch("cpu-1p1d-tcp", "--only", "proxy", "--log-dir", str(logs))
+    assert r.returncode == 2 and "port 127.0.0.1:8000 (proxy) is not free" in r.stderr, r.stderr
+    assert not logs.exists()
+    err = tmp_path / "launch.err"
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "pdfabric.cli", "launch", "cpu-1p1d-tcp", "--only", "proxy",
+                                 "--log-dir", str(logs)], stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                env={**os.environ, "COLUMNS": "300"})
+    try:
+        _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 120)
+        copy = logs / "cpu-1p1d-tcp.yaml"
+        assert copy.read_bytes() == (ROOT / "configs" / "cpu-1p1d-tcp.yaml").read_bytes()
+        assert f"built-in cpu-1p1d-tcp (copied to {copy})" in " ".join(err.read_text().split())
+        pid = json.loads((logs / "pids.json").read_text())["proxy"]
+        assert str(copy.resolve()) in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    finally:
+        _stop_launch(proc, ("--log-dir", str(logs)))
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    assert_all_gone(logs)

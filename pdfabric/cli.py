@@ -44,12 +44,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `pdfabric ... | head`: the reader left; say nothing more
-        import os
+    except BrokenPipeError:
+        if not _reader_gone():
+            raise  # a socket's, not our output's
+        import os  # `pdfabric ... | head`: the reader of our output left - say nothing more
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
 
+
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reading end is closed."""
+    import select
+
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return False
 
 if __name__ == "__main__":
     sys.exit(main())

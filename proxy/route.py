@@ -139,8 +139,9 @@ def _no_prefill(proxy: "Proxy", decode: str, tokens: int) -> None:
     last = proxy.no_prefill_logged
     if last is None or now - last[0] >= _NO_PREFILL_LOG_S:
         since = c["decode_alone_no_prefill"] - (last[1] if last else 0)
-        log.warning("pdfabric proxy: no healthy prefill instance: decode engine %s serves a %d-token prompt alone "
-                    "(recomputes; %d such request(s) since the last report)", decode, tokens, since)
+        log.warning("pdfabric proxy: no prefill instance is available (healthy and not draining): decode engine %s "
+                    "serves a %d-token prompt alone (recomputes)%s", decode, tokens,
+                    f"; {since} such requests since the last report" if last else "")
         proxy.no_prefill_logged = (now, c["decode_alone_no_prefill"])
 
 

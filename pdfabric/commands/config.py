@@ -100,8 +100,13 @@ def run_show(args: argparse.Namespace) -> int:
 def run_list(args: argparse.Namespace) -> int:
     """``config list``: each built-in topology's name and what its first comment line says."""
     from pdfabric.config.builtin import DEFAULT, builtin_dir, builtin_names
+    from pdfabric.errors import ConfigError
 
-    for name in builtin_names():
+    try:
+        names = builtin_names()
+    except ConfigError as exc:
+        return _fail(exc)
+    for name in names:
         first = (builtin_dir() / f"{name}.yaml").read_text(encoding="utf-8").splitlines()[:1]
         about = first[0].lstrip("# ").removeprefix(f"{name} - ").strip() if first else ""
         print(f"{name:24s} {about}{' (the default of pdfabric launch)' if name == DEFAULT else ''}")

@@ -57,11 +57,15 @@ def run(args: argparse.Namespace) -> int:
         file, builtin = topology_path(args.file)
         # a built-in topology runs from a copy in the log directory: the processes read it
         # there, and its relative paths (a disk cache tier) land there, not in the package
-        run_file = file if args.dry_run or not builtin else args.log_dir / file.name
+        run_file = args.log_dir / file.name if builtin else file
         topo = load_topology(file, check_secrets=not args.dry_run)
         only = select_processes(topo, args.only) if args.only is not None else None
+        elsewhere = [i.name for i in topo.instances if only is not None and i.name not in only]
         if only is not None and args.demo and "proxy" not in only:
             raise ConfigError("--demo sends its questions through the proxy: add proxy to --only, or drop --demo")
+        if args.demo and elsewhere and topo.secret is None:
+            raise ConfigError(f"--demo reads the transfer counters of engines another launch starts "
+                              f"({', '.join(elsewhere)}): the topology needs a `secret` they share")
         platform = detect_platform() if args.platform == "auto" else args.platform
         engines_here = only is None or any(i.name in only for i in topo.instances)
         model = _model_dir(topo, args.dry_run or not engines_here)
@@ -73,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return 2
     if args.dry_run:
+        if builtin:
+            dest = run_file.resolve()
+            print(f"# topology: built-in {file.stem}, run from a copy: mkdir -p {dest.parent} && cp {file} {dest}\n")
         for spec in plan:
             print(f"# {spec.name} ({spec.kind}), ready at {spec.ready_url}\n{spec.shell()}\n")
         return 0
@@ -120,7 +127,7 @@ def _model_dir(topo: Any, dry_run: bool) -> Path:
 def _run(topo: Any, plan: list[Any], args: argparse.Namespace, key: bytes, console: Any) -> int:
     from rich.markup import escape
 
-    from pdfabric.launch.checks import endpoints_table, post_start_checks
+    from pdfabric.launch.checks import endpoints_table, post_start_checks, wait_for_instances
     from pdfabric.launch.runner import LaunchFailed, Runner
 
     runner = Runner(plan, args.log_dir, console)
@@ -130,6 +137,8 @@ def _run(topo: Any, plan: list[Any], args: argparse.Namespace, key: bytes, conso
         here = {spec.name for spec in plan}
         post_start_checks(topo, key, console, here)
         console.print(endpoints_table(topo, args.log_dir, here))
+        if args.demo and not here >= {i.name for i in topo.instances}:
+            wait_for_instances(topo, args.timeout, console)  # the engines other launches start
         if args.demo:
             from pdfabric.launch.demo import run_demo
 

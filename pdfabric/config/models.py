@@ -99,11 +99,16 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FLAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
+_RESERVED_NAMES = ("proxy", "cache-server")  # the launcher's other processes (logs, --only)
+
+
 def _instance_name(value: str) -> str:
     if not _INSTANCE_NAME.fullmatch(value):
         raise ValueError(
             f"expected lowercase letters, digits and '-' (like 'prefill-0'), got {value!r}"
         )
+    if value in _RESERVED_NAMES:
+        raise ValueError(f"{value!r} names the launcher's {value} process; choose another instance name")
     return value
 
 

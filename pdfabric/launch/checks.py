@@ -21,7 +21,7 @@ from rich.table import Table
 from pdfabric.config.models import Topology
 from pdfabric.connector.control import query_status
 
-__all__ = ["post_start_checks", "endpoints_table"]
+__all__ = ["post_start_checks", "endpoints_table", "wait_for_instances"]
 
 
 def _status(inst: Any, key: bytes) -> Any:
@@ -60,6 +60,28 @@ def post_start_checks(topo: Topology, key: bytes, console: Console, here: set[st
             kind = topo.transport_for(p.name, d.name).kind
             console.print(f"link {escape(p.name)} -> {escape(d.name)} ({kind}): {nbytes / 2**20:.1f} MiB pushed in "
                           f"{secs * 1000:.1f} ms = {nbytes / max(secs, 1e-9) / 1e9:.2f} GB/s", highlight=False)
+
+
+def wait_for_instances(topo: Topology, timeout: float, console: Console) -> None:
+    """Until the proxy reports every instance healthy (``/admin/instances``); RuntimeError
+    naming those that are not after ``timeout`` seconds."""
+    import json
+    import time
+    import urllib.request
+
+    url = f"http://{topo.proxy.host}:{topo.proxy.port}/admin/instances"
+    deadline, down = time.monotonic() + timeout, ["?"]
+    console.print("waiting for the proxy to see every engine healthy", highlight=False)
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                down = [i["name"] for i in json.loads(r.read())["instances"] if not i["healthy"]]
+        except (OSError, ValueError, KeyError) as e:
+            down = [f"(proxy: {e})"]
+        if not down:
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"not healthy at the proxy after {timeout:g}s: {', '.join(down)}")
 
 
 def endpoints_table(topo: Topology, log_dir: Path, here: set[str] | None = None) -> Table:

@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import zmq
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from pdfabric.config.models import Topology
 from pdfabric.connector.control import query_status
+from pdfabric.errors import FabricError
+
+log = logging.getLogger("pdfabric.launch")
 
 __all__ = ["run_demo", "DemoRow", "document"]
 
@@ -88,7 +93,11 @@ def _lookup(topo: Topology, name: str | None, secret: bytes, tid: str, field_nam
     inst = next((i for i in topo.instances if i.name == name), None)
     if inst is None or inst.control_port is None:
         return None
-    st = query_status(f"{inst.host}:{inst.control_port}", secret)
+    try:
+        st = query_status(f"{inst.host}:{inst.control_port}", secret, timeout_s=2.0)
+    except (TimeoutError, FabricError, OSError, zmq.ZMQError) as e:  # unanswered or refused: the row shows "-"
+        log.warning("pdfabric demo: no status from %s: %s", inst.name, e)
+        return None
     for t, nbytes, secs in getattr(st, field_name):
         if t == tid:
             return nbytes, secs

@@ -260,8 +260,9 @@ def test_only_prints_just_the_named_processes() -> None:
         (" , ", (), "--only: names no process"),
         ("prefill-0", (), "--only: starts some of the engines but"),
         ("prefill-0,decode-0", ("--demo",), "--demo sends its questions through the proxy"),
+        ("proxy", ("--demo",), "--demo reads the transfer counters of engines another launch starts (prefill-0, decode-0)"),
     ],
-    ids=["unknown-name", "empty", "split-engines-without-secret", "demo-without-proxy"],
+    ids=["unknown-name", "empty", "split-engines-without-secret", "demo-without-proxy", "demo-elsewhere-without-secret"],
 )
 def test_bad_only_is_refused_before_anything_starts(tmp_path: Path, only: str, extra: tuple[str, ...], expected: str) -> None:
     topo = write_topology(tmp_path / "t.yaml")
@@ -306,10 +307,11 @@ def test_only_proxy_starts_no_engine_and_stops_it_on_sigterm(tmp_path: Path) -> 
 @pytest.mark.timeout(900)
 def test_one_launch_per_host_serves_through_the_proxy(tmp_path: Path) -> None:
     """A deployment spread over hosts, as its user starts it: one ``launch --only`` for the
-    prefill engine, one for the decode engine, one for the proxy, sharing the topology's
-    secret file. A completion through the proxy moves its KV from one launch's engine to
-    the other's (the decode connector counts the transfer, no recompute); SIGTERM stops
-    each launch and everything it started."""
+    prefill engine, one for the decode engine, one for the proxy (``--demo --serve``: it
+    waits until the proxy sees the other launches' engines, asks the demo questions, then
+    serves), sharing the topology's secret file. A completion through the proxy moves its
+    KV from one launch's engine to the other's (the decode connector counts the transfer,
+    no recompute); SIGTERM stops each launch and everything it started."""
     from pdfabric.connector.control import query_status
 
     secret = tmp_path / "secret"
@@ -318,15 +320,17 @@ def test_one_launch_per_host_serves_through_the_proxy(tmp_path: Path) -> None:
     data = yaml.safe_load(topo.read_text())
     procs: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
     try:
-        for names in ("prefill-0", "decode-0", "proxy"):
+        for names, extra in (("proxy", ["--demo", "--serve"]), ("prefill-0", []), ("decode-0", [])):
             logs, err = tmp_path / f"logs-{names}", tmp_path / f"{names}.err"
             with open(err, "w") as f:
                 procs[names] = (subprocess.Popen([sys.executable, "-m", "pdfabric.cli", "launch", str(topo), "--only", names,
-                                                  "--log-dir", str(logs)], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                                 env={**os.environ, "COLUMNS": "200"}), logs, err)
+                                                  "--log-dir", str(logs), *extra], stdout=f, stderr=subprocess.STDOUT,
+                                                 cwd=ROOT, env={**os.environ, "COLUMNS": "200"}), logs, err)
         for proc, _, err in procs.values():
             _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 700)
         assert "not checked here (another launch starts them): decode-0\n" in procs["prefill-0"][2].read_text()
+        demo = procs["proxy"][2].read_text()
+        assert "waiting for the proxy to see every engine healthy" in demo and "TTFT ms" in demo, demo[-3000:]
         from pdfabric.testing.fabric import make_prompt
 
         proxy = f"http://127.0.0.1:{data['proxy']['port']}"
@@ -380,8 +384,11 @@ def _stop_launch(proc: subprocess.Popen[bytes], args: tuple[str, ...]) -> None:
 def test_without_a_file_the_built_in_default_is_launched() -> None:
     r = launch("--dry-run", "--platform", "cpu")
     assert r.returncode == 0, r.stderr
-    assert re.findall(r"^# (\S+) ", r.stdout, re.M) == ["prefill-0", "decode-0", "proxy"]
-    assert "cpu-1p1d-tcp.yaml" in r.stdout and "--port 8100" in r.stdout
+    assert re.findall(r"^# (\S+) ", r.stdout, re.M) == ["topology:", "prefill-0", "decode-0", "proxy"]
+    copy = ROOT / "pdfabric-logs" / "cpu-1p1d-tcp.yaml"  # launch() runs in ROOT; the default log dir
+    assert f"cp {ROOT / 'configs' / 'cpu-1p1d-tcp.yaml'} {copy}" in r.stdout
+    assert r.stdout.count(f'"topology":"{copy}"') == 2 and f"proxy --topology {copy}" in r.stdout
+    assert "--port 8100" in r.stdout
 
 
 def test_a_built_in_topology_runs_from_a_copy_in_the_log_directory(tmp_path: Path) -> None:

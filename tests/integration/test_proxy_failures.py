@@ -293,5 +293,5 @@ def test_no_healthy_prefill_serves_decode_alone_counted_and_logged(make_stack: M
     m = s.metrics()
     assert m['pdfabric_proxy_decode_alone_total{reason="no_prefill"}'] == 3
     assert m['pdfabric_proxy_decode_alone_total{reason="policy"}'] == 0 and m[DECODE_ALONE_FAILED] == 0
-    warned = [rec.getMessage() for rec in caplog.records if "no healthy prefill instance" in rec.getMessage()]
+    warned = [rec.getMessage() for rec in caplog.records if "no prefill instance is available" in rec.getMessage()]
     assert len(warned) == 1 and "decode engine d0 serves" in warned[0], warned

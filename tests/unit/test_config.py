@@ -230,6 +230,24 @@ def test_duplicate_instance_names() -> None:
     assert "instances[1].name: 'prefill-0' is already the name of instances[0]" in msg
 
 
+@pytest.mark.parametrize("name", ["proxy", "cache-server"])
+def test_the_launchers_process_names_are_not_instance_names(name: str) -> None:
+    msg = config_error(GOOD.replace("name: decode-0", f"name: {name}"))
+    assert f"instances[1].name: {name!r} names the launcher's {name} process; choose another instance name" in msg
+
+
+def test_a_broken_pipe_that_is_not_our_output_is_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdfabric import cli
+    from pdfabric.commands import config as command
+
+    def lost_socket(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")  # e.g. an HTTP peer that went away mid-send
+
+    monkeypatch.setattr(command, "run_list", lost_socket)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["config", "list"])
+
+
 def test_roles_must_cover_prefill_and_decode() -> None:
     msg = config_error(GOOD.replace("role: decode", "role: prefill"))
     assert "instances: no instance can decode" in msg

@@ -21,7 +21,7 @@ from rich.table import Table
 from pdfabric.config.models import Topology
 from pdfabric.connector.control import query_status
 
-__all__ = ["post_start_checks", "endpoints_table", "wait_for_instances"]
+__all__ = ["post_start_checks", "endpoints_table", "wait_for_instances", "proxy_key"]
 
 
 def _status(inst: Any, key: bytes) -> Any:
@@ -62,20 +62,36 @@ def post_start_checks(topo: Topology, key: bytes, console: Console, here: set[st
                           f"{secs * 1000:.1f} ms = {nbytes / max(secs, 1e-9) / 1e9:.2f} GB/s", highlight=False)
 
 
+def proxy_key(topo: Topology) -> str | None:
+    """An API key the proxy takes (the first of ``proxy.api_keys``), None when it needs none."""
+    if topo.proxy.api_keys is None:
+        return None
+    keys = [k.strip() for k in topo.resolve_secret(topo.proxy.api_keys, path="proxy.api_keys").split(",")]
+    return next((k for k in keys if k), None)
+
+
 def wait_for_instances(topo: Topology, timeout: float, console: Console) -> None:
     """Until the proxy reports every instance healthy (``/admin/instances``); RuntimeError
-    naming those that are not after ``timeout`` seconds."""
+    naming those that are not after ``timeout`` seconds, or at once when the proxy refuses."""
     import json
     import time
+    import urllib.error
     import urllib.request
 
-    url = f"http://{topo.proxy.host}:{topo.proxy.port}/admin/instances"
+    key = proxy_key(topo)
+    req = urllib.request.Request(f"http://{topo.proxy.host}:{topo.proxy.port}/admin/instances",
+                                 headers={"authorization": f"Bearer {key}"} if key else {})
     deadline, down = time.monotonic() + timeout, ["?"]
     console.print("waiting for the proxy to see every engine healthy", highlight=False)
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
+            with urllib.request.urlopen(req, timeout=5) as r:
                 down = [i["name"] for i in json.loads(r.read())["instances"] if not i["healthy"]]
+        except urllib.error.HTTPError as e:
+            e.close()
+            if e.code in (401, 403):
+                raise RuntimeError(f"the proxy refused the instance list: HTTP {e.code}") from None
+            down = [f"(proxy: HTTP {e.code})"]
         except (OSError, ValueError, KeyError) as e:
             down = [f"(proxy: {e})"]
         if not down:

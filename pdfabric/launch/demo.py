@@ -105,13 +105,15 @@ def _lookup(topo: Topology, name: str | None, secret: bytes, tid: str, field_nam
 
 
 def run_demo(topo: Topology, secret: bytes, console: Console, questions: int = 5, max_tokens: int = 24) -> list[DemoRow]:
-    host, port = topo.proxy.host, topo.proxy.port
+    from pdfabric.launch.checks import proxy_key
+
+    host, port, key = topo.proxy.host, topo.proxy.port, proxy_key(topo)
     doc = document()
     rows = []
     for q in QUESTIONS[:questions]:
         body = {"model": topo.model.display_name, "prompt": f"{doc}\nQuestion: {q}\nAnswer:",
                 "max_tokens": max_tokens, "temperature": 0, "stream": True}
-        text, ttft, total, hdrs = _stream(host, port, body, None)
+        text, ttft, total, hdrs = _stream(host, port, body, key)
         row = DemoRow(q, text.strip(), ttft, total, hdrs.get("x-pdfabric-transfer-id", ""))
         if hdrs.get("x-pdfabric-cached-tokens", "").isdigit():
             row.cached_tokens = int(hdrs["x-pdfabric-cached-tokens"])

@@ -314,10 +314,13 @@ def test_one_launch_per_host_serves_through_the_proxy(tmp_path: Path) -> None:
     no recompute); SIGTERM stops each launch and everything it started."""
     from pdfabric.connector.control import query_status
 
-    secret = tmp_path / "secret"
+    secret, keys = tmp_path / "secret", tmp_path / "api-keys"
     secret.write_text(os.urandom(16).hex())
+    keys.write_text("k-demo,k-other\n")  # the proxy takes API keys: the demo and the wait must send one
     topo = write_topology(tmp_path / "t.yaml", secret={"file": str(secret)})
     data = yaml.safe_load(topo.read_text())
+    data["proxy"]["api_keys"] = {"file": str(keys)}
+    topo.write_text(yaml.safe_dump(data))
     procs: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
     try:
         for names, extra in (("proxy", ["--demo", "--serve"]), ("prefill-0", []), ("decode-0", [])):
@@ -334,14 +337,9 @@ def test_one_launch_per_host_serves_through_the_proxy(tmp_path: Path) -> None:
         from pdfabric.testing.fabric import make_prompt
 
         proxy = f"http://127.0.0.1:{data['proxy']['port']}"
-        deadline = time.monotonic() + 60  # the proxy's health checks find the engines the other launches started
-        while not all(i["healthy"] for i in json.loads(urllib.request.urlopen(proxy + "/admin/instances", timeout=5)
-                                                        .read())["instances"]):
-            assert time.monotonic() < deadline, "the proxy never saw both engines healthy"
-            time.sleep(0.5)
         body = {"model": "tiny-llama", "prompt": make_prompt(300, seed=7, vocab=1000), "max_tokens": 4}
         req = urllib.request.Request(proxy + "/v1/completions", json.dumps(body).encode(),
-                                     {"content-type": "application/json"})
+                                     {"content-type": "application/json", "authorization": "Bearer k-other"})
         with urllib.request.urlopen(req, timeout=120) as resp:
             answer = json.loads(resp.read())
             assert resp.headers["x-pdfabric-prefill"] == "prefill-0"

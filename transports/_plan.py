@@ -34,12 +34,8 @@ def coalesce_plan(plan: TransferPlan) -> np.ndarray:
 def check_no_overlap(pieces: np.ndarray, tid: str) -> None:
     """A plan must not name any destination byte twice: the receiver counts bytes, so a
     duplicate would hide a block that never arrived."""
-    if len(pieces) < 2:
-        return
-    d = pieces[np.argsort(pieces[:, 1], kind="stable")]
-    bad = np.flatnonzero(d[1:, 1] - d[:-1, 1] < d[:-1, 2])
-    if len(bad):
-        raise ValueError(f"plan {tid}: destination bytes at {int(d[bad[0] + 1, 1]):#x} are written twice")
+    if len(pieces) >= 2:
+        _by_destination(pieces, tid)
 
 
 def dest_segments(pieces: np.ndarray, tid: str) -> np.ndarray:
@@ -47,15 +43,22 @@ def dest_segments(pieces: np.ndarray, tid: str) -> np.ndarray:
     (k, 2) uint64 [start, length] in address order."""
     if len(pieces) < 2:
         return pieces[:, 1:3].copy()
+    d, gap = _by_destination(pieces, tid)
+    brk = np.ones(len(d), dtype=bool)
+    brk[1:] = gap != d[:-1, 2]
+    idx = np.flatnonzero(brk)
+    return np.stack([d[idx, 1], np.add.reduceat(d[:, 2], idx)], axis=1)
+
+
+def _by_destination(pieces: np.ndarray, tid: str) -> tuple[np.ndarray, np.ndarray]:
+    """(pieces sorted by destination, gaps between consecutive destinations); ValueError
+    when two pieces name one destination byte."""
     d = pieces[np.argsort(pieces[:, 1], kind="stable")]
     gap = d[1:, 1] - d[:-1, 1]  # sorted: no wrap-around
     bad = np.flatnonzero(gap < d[:-1, 2])
     if len(bad):
         raise ValueError(f"plan {tid}: destination bytes at {int(d[bad[0] + 1, 1]):#x} are written twice")
-    brk = np.ones(len(d), dtype=bool)
-    brk[1:] = gap != d[:-1, 2]
-    idx = np.flatnonzero(brk)
-    return np.stack([d[idx, 1], np.add.reduceat(d[:, 2], idx)], axis=1)
+    return d, gap
 
 
 def split_streams(pieces: np.ndarray, k: int, min_bytes: int, total: int | None = None) -> list[np.ndarray]:

@@ -164,7 +164,8 @@ def _link_end_problems(topo: Topology, i: int) -> list[Problem]:
 
 
 def check_links(topo: Topology) -> list[Problem]:
-    """Links join two existing, distinct instances of the right roles, once per pair."""
+    """Links join two existing, distinct instances of the right roles, once per pair, with
+    the topology's transport (an engine has one transport for all its peers)."""
     problems: list[Problem] = []
     seen: dict[tuple[str, str], int] = {}
     for i, link in enumerate(topo.links):
@@ -178,13 +179,28 @@ def check_links(topo: Topology) -> list[Problem]:
         elif pair in seen:
             msg = f"{link.prefill} -> {link.decode} is already configured by links[{seen[pair]}]"
             problems.append((f"links[{i}]", msg))
+        elif link.transport != topo.transport:
+            # every engine builds one transport, the topology's, and uses it with all its
+            # peers: a pair's own transport would be shown and checked but never used
+            msg = (f"expected the topology's transport ({_differs(topo.transport, link.transport)}): "
+                   "an engine speaks one transport with all its peers, so a pair cannot have its own; "
+                   "set the top-level 'transport' instead")
+            problems.append((f"links[{i}].transport", msg))
         else:
-            p, d = topo.instance(link.prefill), topo.instance(link.decode)
-            msg = same_host_problem(link.transport, p, d)
+            msg = same_host_problem(link.transport, topo.instance(link.prefill), topo.instance(link.decode))
             if msg is not None:
                 problems.append((f"links[{i}].transport", msg))
         seen.setdefault(pair, i)
     return problems
+
+
+def _differs(want: TransportConfig, got: TransportConfig) -> str:
+    """How a link's transport differs from the topology's: kinds, or the options that differ."""
+    if want.kind != got.kind:
+        return f"{want.kind}, got {got.kind}"
+    a, b = want.model_dump(mode="json"), got.model_dump(mode="json")
+    keys = [k for k in a if a[k] != b.get(k)]
+    return ", ".join(f"{k}: {a[k]}" for k in keys) + ", got " + ", ".join(f"{k}: {b.get(k)}" for k in keys)
 
 
 def same_host_problem(transport: TransportConfig, p: Instance, d: Instance) -> str | None:

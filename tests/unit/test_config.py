@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from pdfabric.config import (
-    NixlTransport,
     SecretRef,
     TcpTransport,
     Topology,
@@ -101,17 +100,28 @@ def test_models_are_frozen() -> None:
         topology.name = "other"  # type: ignore[misc]
 
 
-def test_transport_for_uses_link_override_or_default() -> None:
+def test_transport_for_pairs_and_links() -> None:
     text = GOOD.replace("role: prefill", "role: both") + (
-        "links:\n  - {prefill: prefill-0, decode: decode-0, transport: {kind: nixl}}\n"
+        "links:\n  - {prefill: prefill-0, decode: decode-0, transport: {kind: tcp, streams: 4}}\n"
     )
     topology = parse_topology(text)
-    assert topology.transport_for("prefill-0", "decode-0") == NixlTransport()
+    assert topology.transport_for("prefill-0", "decode-0") == TcpTransport(streams=4)
     assert topology.transport_for("prefill-0", "prefill-0") == TcpTransport(streams=4)
     with pytest.raises(ConfigError, match="has role decode"):
         topology.transport_for("decode-0", "prefill-0")
     with pytest.raises(ConfigError, match="did you mean 'decode-0'"):
         topology.transport_for("prefill-0", "decode-1")
+
+
+@pytest.mark.parametrize("override,differs", [("{kind: nixl}", "tcp, got nixl"),
+                                              ("{kind: tcp, streams: 8}", "streams: 4, got streams: 8")])
+def test_a_link_with_its_own_transport_is_refused(override: str, differs: str) -> None:
+    # an engine builds the topology's one transport for all its peers: a pair's own would
+    # be shown by `config check` and preflighted, but the KV would go over the default
+    text = GOOD + f"links:\n  - {{prefill: prefill-0, decode: decode-0, transport: {override}}}\n"
+    lines = config_error(text).splitlines()
+    assert lines[0].startswith(f"t.yaml: links[0].transport: expected the topology's transport ({differs}): ")
+    assert "a pair cannot have its own" in lines[0] and "top-level 'transport'" in lines[0]
 
 
 def test_json_dump_round_trips() -> None:
@@ -269,6 +279,9 @@ def test_same_host_transport_across_hosts() -> None:
         "    port: 8200", "    host: 10.0.0.2\n    port: 8200"
     )
     assert "transport: shm works only between instances on one host" in config_error(text)
+    # a link naming that same transport is checked as well (the default's check skips its pair)
+    linked = text + "links:\n  - {prefill: prefill-0, decode: decode-0, transport: {kind: shm}}\n"
+    assert "links[0].transport: shm works only between instances on one host" in config_error(linked)
 
 
 def test_cache_tier_order_and_uniqueness() -> None:

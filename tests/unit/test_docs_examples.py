@@ -20,4 +20,4 @@ def test_topology_doc_example_validates(monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.setenv(name, "x")
     topo = parse_topology(block.group(1), source=str(DOC), check_secrets=True)
     assert [i.name for i in topo.instances] == ["prefill-0", "decode-0"]
-    assert topo.transport_for("prefill-0", "decode-0").kind == "shm"  # the link override
+    assert topo.transport_for("prefill-0", "decode-0") == topo.transport

@@ -22,7 +22,10 @@ from pdfabric.proxy.http1 import Client, Response
 from pdfabric.proxy.instances import Instance
 
 __all__ = ["LegFailed", "Upstream", "prefill_body", "decode_body", "new_transfer_id", "Opened", "encode_json",
-           "decode_json"]
+           "decode_json", "COMPLETIONS", "CHAT", "RESPONSES"]
+
+# the generation endpoints the proxy disaggregates
+COMPLETIONS, CHAT, RESPONSES = "/v1/completions", "/v1/chat/completions", "/v1/responses"
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder()
@@ -79,10 +82,16 @@ def new_transfer_id() -> str:
     return "px-" + os.urandom(16).hex()  # 128 random bits, like uuid4().hex without building a UUID
 
 
-def prefill_body(body: dict[str, Any], chat: bool, tid: str) -> dict[str, Any]:
+def prefill_body(body: dict[str, Any], path: str, tid: str) -> dict[str, Any]:
+    """The prefill leg's request: the client's, answered with one token and without
+    streaming, asking the engine's connector to produce the KV for ``tid``."""
     out = {k: v for k, v in body.items() if k not in ("stream_options", "n", "best_of")}
-    out.update(stream=False, max_tokens=1, kv_transfer_params={"pdfabric": "produce", "transfer_id": tid})
-    if chat:
+    out.update(stream=False, kv_transfer_params={"pdfabric": "produce", "transfer_id": tid})
+    if path == RESPONSES:
+        out.update(max_output_tokens=1, store=False)  # its one-token answer is never kept
+    else:
+        out["max_tokens"] = 1
+    if path == CHAT:
         out["max_completion_tokens"] = 1
     return out
 

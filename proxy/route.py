@@ -20,7 +20,8 @@ Rules:
 7. With a cache server, the shared KV cache is asked first (``cache_view.py``): a prompt it
    holds all but a short rest of goes to a decode engine alone (``decode_alone_cached``),
    its exact token count replaces the estimate, and ``x-pdfabric-cached-tokens`` tells the
-   client what was found. A lookup that fails changes nothing.
+   client what was found. A lookup that fails changes nothing. Responses API requests are
+   not looked up: the engine renders their input (instructions, items) itself.
 8. With no healthy prefill engine at all, a prompt long enough to disaggregate is served by
    a decode engine alone: counted (``decode_alone_no_prefill``) and logged (once, then at
    most every ``_NO_PREFILL_LOG_S`` seconds with the count since), never silently.
@@ -37,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from pdfabric.proxy.instances import Instance
-from pdfabric.proxy.legs import (LegFailed, Opened, decode_body, encode_json, forward_headers, forwarded,
-                                 new_transfer_id, prefill_body)
+from pdfabric.proxy.legs import (RESPONSES, LegFailed, Opened, decode_body, encode_json, forward_headers,
+                                 forwarded, new_transfer_id, prefill_body)
 
 if TYPE_CHECKING:
     from pdfabric.proxy.server import Proxy
@@ -57,7 +58,9 @@ async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: b
     settings = proxy.settings
     forward_headers.set(forwarded(request.headers))  # set every time: a keep-alive connection's next
     # request may run in the same context
-    looked = None if proxy.cache is None else await proxy.cache.look(proxy, body, chat, tokens)  # Rule 7
+    looked = None  # Rule 7
+    if proxy.cache is not None and path != RESPONSES:
+        looked = await proxy.cache.look(proxy, body, chat, tokens)
     if looked is not None:
         tokens = looked.prompt_tokens
     alone = looked is not None and looked.alone
@@ -75,8 +78,7 @@ async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: b
         try:
             if choice.prefill is not None:
                 try:
-                    opened = await _disaggregated(proxy, choice.prefill, choice.decode, path, chat, body, stream,
-                                                  tokens)
+                    opened = await _disaggregated(proxy, choice.prefill, choice.decode, path, body, stream, tokens)
                 except LegFailed as e:
                     reason = _prefill_failed(proxy, e)
                     tried.add(e.instance.name)
@@ -181,10 +183,10 @@ async def _leg(proxy: "Proxy", inst: Instance, tokens: int, path: str, body: dic
     return opened
 
 
-async def _disaggregated(proxy: "Proxy", p: Instance, d: Instance, path: str, chat: bool,
-                         body: dict[str, Any], stream: bool, tokens: int) -> Opened:
+async def _disaggregated(proxy: "Proxy", p: Instance, d: Instance, path: str, body: dict[str, Any], stream: bool,
+                         tokens: int) -> Opened:
     tid = new_transfer_id()
-    p_body = prefill_body(body, chat, tid)
+    p_body = prefill_body(body, path, tid)
     if proxy.settings.pairing == "sequential":
         answer = await _prefill(proxy, p, path, p_body, tokens)
         params = answer.get("kv_transfer_params")

@@ -1,8 +1,8 @@
 """The routing proxy: an OpenAI-compatible front that pairs each request with a prefill
 and a decode engine (aiohttp on uvloop).
 
-Endpoints: ``/v1/completions``, ``/v1/chat/completions`` (streaming passed through chunk by
-chunk, or not), ``/v1/models``, ``/health`` (200 once a decode engine is healthy, else 503),
+Endpoints: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses`` (streaming passed
+through chunk by chunk, or not), ``/v1/models``, ``/health`` (200 once a decode engine is healthy, else 503),
 ``/live`` (200 while the proxy serves HTTP), ``/metrics`` and the admin API
 ``/admin/instances`` (GET list, POST add), ``/admin/instances/{name}/drain`` (POST) and
 ``/admin/instances/{name}`` (DELETE).
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from aiohttp import web
 
 from pdfabric.proxy.instances import Instance, Registry, UnknownInstance
-from pdfabric.proxy.legs import Upstream, decode_json
+from pdfabric.proxy.legs import CHAT, COMPLETIONS, RESPONSES, Upstream, decode_json
 from pdfabric.proxy.policy import Router, chunk_hashes, estimate_tokens
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ class Proxy:
         r = app.router
         r.add_post("/v1/completions", self._completions)
         r.add_post("/v1/chat/completions", self._chat)
+        r.add_post("/v1/responses", self._responses)
         r.add_get("/v1/models", self._models)
         r.add_get("/health", self._health)
         r.add_get("/live", self._live)
@@ -243,16 +244,20 @@ class Proxy:
 
     # -- the request path --------------------------------------------------------------
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, "/v1/completions", chat=False)
+        return await self._serve(request, COMPLETIONS)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, "/v1/chat/completions", chat=True)
+        return await self._serve(request, CHAT)
 
-    async def _serve(self, request: web.Request, path: str, chat: bool) -> web.StreamResponse:
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, RESPONSES)
+
+    async def _serve(self, request: web.Request, path: str) -> web.StreamResponse:
         body = await _json_body(request)
-        _validate(body, chat)
+        chat = path == CHAT
+        _validate(body, path)
         stream = bool(body.get("stream", False))
-        prompt = _prompt_of(body, chat)
+        prompt = _prompt_of(body, path)
         tokens = estimate_tokens(prompt)
         # the prefix hashes serve prefix_aware only (the hashing costs per prompt kilobyte)
         hashes = chunk_hashes(prompt) if self.settings.policy == "prefix_aware" else []
@@ -287,29 +292,49 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _validate(body: dict[str, Any], chat: bool) -> None:
+def _validate(body: dict[str, Any], path: str) -> None:
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise HTTPProblem(400, "'model' is required and must be a string", code="missing_model")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise HTTPProblem(400, f"'stream' must be a boolean, got {json.dumps(body['stream'])}")
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         v = body.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise HTTPProblem(400, f"'{key}' must be a positive integer, got {json.dumps(v)}")
-    if chat and not isinstance(body.get("messages"), list):
+    if path == CHAT and not isinstance(body.get("messages"), list):
         raise HTTPProblem(400, "'messages' is required and must be a list")
-    if not chat and not isinstance(body.get("prompt"), (str, list)):
+    if path == COMPLETIONS and not isinstance(body.get("prompt"), (str, list)):
         raise HTTPProblem(400, "'prompt' is required: a string, a list of strings or of token ids")
+    if path == RESPONSES:
+        _validate_responses(body)
     if "kv_transfer_params" in body:
         raise HTTPProblem(400, "'kv_transfer_params' is set by the proxy, not by clients")
 
 
-def _prompt_of(body: dict[str, Any], chat: bool) -> Any:
-    if not chat:
+def _validate_responses(body: dict[str, Any]) -> None:
+    if not isinstance(body.get("input"), (str, list)):
+        raise HTTPProblem(400, "'input' is required: a string or a list of input items")
+    # a stored response lives in the one engine that answered it, and the next request of a
+    # pair may go to any engine: refused rather than answered from the wrong engine's state
+    if body.get("previous_response_id") is not None:
+        raise HTTPProblem(400, "'previous_response_id' is not supported through the pdfabric proxy (a stored "
+                          "response lives in one engine); send the earlier turns in 'input'",
+                          code="unsupported_parameter")
+    if body.get("background"):
+        raise HTTPProblem(400, "'background' is not supported through the pdfabric proxy (its response is "
+                          "polled from the one engine that stores it)", code="unsupported_parameter")
+
+
+def _prompt_of(body: dict[str, Any], path: str) -> Any:
+    if path == COMPLETIONS:
         return body.get("prompt")
-    parts = []
-    for m in body.get("messages", []):
-        c = m.get("content") if isinstance(m, dict) else None
+    if path == CHAT:
+        items, parts = body.get("messages", []), []
+    else:
+        items = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        parts = [body["instructions"]] if isinstance(body.get("instructions"), str) else []
+    for m in items:
+        c = m.get("content") if isinstance(m, dict) else m
         parts.append(c if isinstance(c, str) else json.dumps(c))
     return "\n".join(parts)
 

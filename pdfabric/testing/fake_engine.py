@@ -1,7 +1,9 @@
 """A fake vLLM OpenAI server, for proxy tests and the proxy benchmark (no model, no GPU).
 
 Serves ``/v1/completions`` and ``/v1/chat/completions`` (JSON shaped like vLLM's, or SSE:
-one ``data: {...}`` chunk per output token, then ``data: [DONE]``), ``/health``,
+one ``data: {...}`` chunk per output token, then ``data: [DONE]``), ``/v1/responses`` (a
+response object, or SSE events: ``response.created``, one ``response.output_text.delta`` per
+token, ``response.completed``; like vLLM it reads ``max_output_tokens``, not ``max_tokens``), ``/health``,
 ``/v1/models`` and ``POST /tokenize`` (vLLM's shape; a fake tokenization, ``fake_token_ids``:
 one token per 4 characters; recorded in ``tokenized``). It records every completion request
 it receives (``requests``: path, body with ``kv_transfer_params``, arrival time, and whether
@@ -108,6 +110,7 @@ class FakeEngine:
         app = web.Application()
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/responses", self._chat)  # chat-like input; told apart by path
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/tokenize", self._tokenize)
@@ -214,11 +217,14 @@ class FakeEngine:
         if f.fail_status is not None:
             rec.finished = True
             return _error(f.fail_status, f"fake engine {self.name}: injected failure")
-        limit = body.get("max_completion_tokens") if chat else None
-        limit = limit or body.get("max_tokens")
+        responses = rec.path == "/v1/responses"
+        if responses:
+            limit = body.get("max_output_tokens")
+        else:
+            limit = (body.get("max_completion_tokens") if chat else None) or body.get("max_tokens")
         n = max(1, min(limit if isinstance(limit, int) else self.tokens, self.tokens))
         self._n += 1
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{self.name}-{self._n}"
+        rid = f"{'resp' if responses else 'chatcmpl' if chat else 'cmpl'}-{self.name}-{self._n}"
         usage = {"prompt_tokens": _prompt_tokens(body, chat), "completion_tokens": n}
         usage["total_tokens"] = usage["prompt_tokens"] + n
         kv = self._kv_answer(body, usage["prompt_tokens"])
@@ -226,6 +232,8 @@ class FakeEngine:
         headers = {"X-Fake-Engine": self.name}
         if f.cut_after == 0:
             return _cut(request, rec, web.Response())
+        if responses:
+            return await self._respond(request, rec, head, n, usage, kv, headers)
         if body.get("stream"):
             return await self._stream(request, rec, chat, head, n, usage, headers)
         await asyncio.sleep(self.delay_s * n)
@@ -265,6 +273,38 @@ class FakeEngine:
         rec.finished = True
         return resp
 
+    async def _respond(self, request: web.Request, rec: Received, head: dict[str, Any], n: int,
+                       usage: dict[str, Any], kv: dict[str, Any] | None, headers: dict[str, str]) -> web.StreamResponse:
+        """A Responses API answer (vLLM's shape, trimmed): JSON, or SSE events."""
+        text = "".join(_token(i) for i in range(n))
+
+        def response(status: str, out: str) -> dict[str, Any]:
+            item = {"type": "message", "id": f"msg-{head['id']}", "role": "assistant", "status": status,
+                    "content": [{"type": "output_text", "text": out, "annotations": []}]}
+            return {"id": head["id"], "object": "response", "created_at": head["created"], "model": head["model"],
+                    "status": status, "output": [item] if out else [], "parallel_tool_calls": True, "tools": [],
+                    "tool_choice": "auto", "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": n,
+                                                     "total_tokens": usage["total_tokens"]}, "kv_transfer_params": kv}
+
+        if not rec.body.get("stream"):
+            await asyncio.sleep(self.delay_s * n)
+            rec.finished = True
+            return web.json_response(response("completed", text), headers=headers)
+        resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        await resp.write(_event("response.created", {"response": response("in_progress", "")}, 0))
+        for i in range(n):
+            await asyncio.sleep(self.delay_s)
+            if self.faults.cut_after is not None and i >= self.faults.cut_after:
+                return _cut(request, rec, resp)
+            delta = {"item_id": f"msg-{head['id']}", "output_index": 0, "content_index": 0, "delta": _token(i),
+                     "logprobs": []}
+            await resp.write(_event("response.output_text.delta", delta, i + 1))
+        await resp.write(_event("response.completed", {"response": response("completed", text)}, n + 1))
+        await resp.write_eof()
+        rec.finished = True
+        return resp
+
     def _kv_answer(self, body: dict[str, Any], prompt_tokens: int) -> dict[str, Any] | None:
         kv = body.get("kv_transfer_params")
         if self.role == "decode" or not isinstance(kv, dict) or kv.get("pdfabric") != "produce":
@@ -279,6 +319,12 @@ def _token(i: int) -> str:
 
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _event(kind: str, fields: dict[str, Any], seq: int) -> bytes:
+    """One Responses API stream event."""
+    data = {"type": kind, "sequence_number": seq, **fields}
+    return f"event: {kind}\n".encode() + _sse(data)
 
 
 def _cut(request: web.Request, rec: Received, resp: web.StreamResponse) -> web.StreamResponse:
@@ -306,6 +352,9 @@ def fake_token_ids(text: str) -> list[int]:
 
 
 def _prompt_text(body: dict[str, Any], chat: bool) -> str:
+    if "input" in body:  # Responses API
+        items = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        return "".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in items)
     if chat:
         msgs = body.get("messages")
         return "".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict)) if isinstance(msgs, list) else ""

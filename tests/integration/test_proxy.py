@@ -113,6 +113,44 @@ def test_sequential_pairing_forwards_the_prefill_answer_to_decode(make_stack: Ma
     assert d.body["max_tokens"] == 2 and d.body["prompt"] == LONG_PROMPT
 
 
+@pytest.mark.parametrize("pairing", ["concurrent", "sequential"])
+def test_responses_api_is_disaggregated(make_stack: MakeStack, pairing: str) -> None:
+    s = make_stack(prefills=1, pairing=pairing, engine={"tokens": 6})
+    client_body = {"model": "fake-model", "input": [{"role": "user", "content": LONG_PROMPT}],
+                   "instructions": "be brief", "max_output_tokens": 3, "stream": True}
+    r = s.client.post("/v1/responses", json=client_body)
+    assert r.status_code == 200 and r.headers["x-pdfabric-prefill"] == "p0"
+    kinds = [line[7:] for line in r.text.splitlines() if line.startswith("event: ")]
+    assert kinds == ["response.created"] + ["response.output_text.delta"] * 3 + ["response.completed"]
+    s.settle()
+    p, d = only(s.prefills[0].requests), only(s.decodes[0].requests)
+    tid = p.kv["transfer_id"]
+    assert p.path == d.path == "/v1/responses"
+    assert p.kv == {"pdfabric": "produce", "transfer_id": tid}
+    # the Responses API reads max_output_tokens (max_tokens would be ignored: a full answer)
+    assert p.body["max_output_tokens"] == 1 and "max_tokens" not in p.body
+    assert p.body["stream"] is False and p.body["store"] is False  # its 1-token answer is never kept
+    assert p.finished
+    assert d.kv["transfer_id"] == tid and d.kv["producer"] == s.prefills[0].control
+    assert {k: v for k, v in d.body.items() if k != "kv_transfer_params"} == client_body
+
+
+def test_openai_client_responses(make_stack: MakeStack) -> None:
+    s = make_stack(prefills=1, api_keys=("sk-test",), engine={"tokens": 4})
+    with openai.OpenAI(base_url=s.url + "/v1", api_key="sk-test", max_retries=0, timeout=10) as client:
+        got = client.responses.create(model="fake-model", input="hello there", max_output_tokens=3)
+        assert got.output_text == " tok0 tok1 tok2" and got.usage is not None and got.usage.output_tokens == 3
+        events = list(client.responses.create(model="fake-model", input=[{"role": "user", "content": "hi"}],
+                                              stream=True))
+        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        assert "".join(deltas) == " tok0 tok1 tok2 tok3" and events[-1].type == "response.completed"
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.responses.create(model="fake-model", input="again", previous_response_id=got.id)
+        assert "previous_response_id" in str(ei.value)
+    s.settle()
+    assert len(s.prefills[0].requests) == len(s.decodes[0].requests) == 2
+
+
 # -- policies ------------------------------------------------------------------------------
 def test_round_robin_alternates_pairs(make_stack: MakeStack) -> None:
     s = make_stack(prefills=2, decodes=2, policy="round_robin")

@@ -40,6 +40,15 @@ BAD_BODIES: list[tuple[str, str, bytes, str]] = [
      "'max_tokens'"),
     ("no-prompt", "/v1/completions", json.dumps({"model": "m"}).encode(), "'prompt'"),
     ("no-messages", "/v1/chat/completions", json.dumps({"model": "m", "prompt": "x"}).encode(), "'messages'"),
+    ("responses-no-input", "/v1/responses", json.dumps({"model": "m", "prompt": "x"}).encode(), "'input'"),
+    ("responses-input-num", "/v1/responses", json.dumps({"model": "m", "input": 3}).encode(), "'input'"),
+    ("responses-max-output", "/v1/responses", json.dumps({"model": "m", "input": "x", "max_output_tokens": 0}).encode(),
+     "'max_output_tokens'"),
+    ("responses-previous", "/v1/responses", json.dumps({"model": "m", "input": "x",
+                                                        "previous_response_id": "resp_1"}).encode(),
+     "'previous_response_id' is not supported"),
+    ("responses-background", "/v1/responses", json.dumps({"model": "m", "input": "x", "background": True}).encode(),
+     "'background' is not supported"),
     ("client-kv-params", "/v1/completions", json.dumps({"model": "m", "prompt": "x", "kv_transfer_params": {
         "pdfabric": "consume", "transfer_id": "t", "producer": "10.0.0.1:1"}}).encode(), "kv_transfer_params"),
 ]

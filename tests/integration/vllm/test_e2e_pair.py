@@ -103,6 +103,15 @@ def test_canary_corrupted_kv_changes_the_output(pair: FabricPair, vocab_size: in
     assert_idle(pair)
 
 
+def _external_after(pair: FabricPair, ext0: float, want: int) -> bool:
+    """Whether the decode engine counts ``want`` more prompt tokens from transfers than
+    ``ext0`` (vLLM publishes its stats a moment after the response: waits up to 10 s)."""
+    deadline = time.monotonic() + 10
+    while by_source(pair.decode, "external_kv_transfer") - ext0 < want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return by_source(pair.decode, "external_kv_transfer") - ext0 >= want
+
+
 def _recomputes(pair: FabricPair) -> int:
     return pair.status("decode").counters.get("recomputes", 0)
 
@@ -259,10 +268,32 @@ def test_through_the_proxy_with_the_openai_client(pair: FabricPair, proxy_url: s
     # each prompt's first request moved all but its last token; the repeat found the full
     # blocks in the decode engine's prefix cache and moved only the tail. vLLM publishes its
     # stats a moment after the response: wait for them.
-    want_ext = sum(len(p) - 1 for p in prompts)
-    deadline = time.monotonic() + 10
-    while by_source(pair.decode, "external_kv_transfer") - ext0 < want_ext and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert by_source(pair.decode, "external_kv_transfer") - ext0 >= want_ext
+    assert _external_after(pair, ext0, sum(len(p) - 1 for p in prompts))
+    assert _recomputes(pair) == recomputes0
+    assert_idle(pair)
+
+
+def test_responses_api_through_the_proxy(pair: FabricPair, proxy_url: str) -> None:
+    """The Responses API is disaggregated too: the answer equals the prefill engine's own, and
+    the decode engine got the prompt from the transfer, not by recomputing it."""
+    import openai
+
+    words = " ".join(f"w{i} alpha{i % 7} beta{i % 11}" for i in range(60))
+    ask = {"model": "tiny-llama", "instructions": "answer briefly", "max_output_tokens": 10, "temperature": 0}
+    inputs = [words, [{"role": "user", "content": "second " + words}]]
+    direct = openai.OpenAI(base_url=pair.prefill.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=proxy_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    ext0, recomputes0 = by_source(pair.decode, "external_kv_transfer"), _recomputes(pair)
+    want_ext = 0
+    for inp in inputs:
+        want = direct.responses.create(input=inp, **ask)
+        assert want.usage is not None
+        want_ext += want.usage.input_tokens - 1
+        got = client.responses.create(input=inp, **ask)
+        assert got.output_text == want.output_text and got.status == want.status
+    events = list(client.responses.create(input=words + " again", stream=True, **ask))
+    assert events[-1].type == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == events[-1].response.output_text
+    assert _external_after(pair, ext0, want_ext)
     assert _recomputes(pair) == recomputes0
     assert_idle(pair)

@@ -22,10 +22,10 @@ from pdfabric.proxy.http1 import Client, Response
 from pdfabric.proxy.instances import Instance
 
 __all__ = ["LegFailed", "Upstream", "prefill_body", "decode_body", "new_transfer_id", "Opened", "encode_json",
-           "decode_json", "COMPLETIONS", "CHAT", "RESPONSES"]
+           "decode_json", "COMPLETIONS", "CHAT", "RESPONSES", "MESSAGES"]
 
-# the generation endpoints the proxy disaggregates
-COMPLETIONS, CHAT, RESPONSES = "/v1/completions", "/v1/chat/completions", "/v1/responses"
+# the generation endpoints the proxy disaggregates (MESSAGES: vLLM's Anthropic Messages API)
+COMPLETIONS, CHAT, RESPONSES, MESSAGES = "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages"
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder()
@@ -93,6 +93,11 @@ def prefill_body(body: dict[str, Any], path: str, tid: str) -> dict[str, Any]:
         out["max_tokens"] = 1
     if path == CHAT:
         out["max_completion_tokens"] = 1
+    thinking = out.get("thinking")
+    if path == MESSAGES and isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        # a thinking budget only bounds sampling (the prompt renders the same without it),
+        # and vLLM refuses a budget that is not under max_tokens, which is 1 here
+        del out["thinking"]
     return out
 
 

@@ -16,12 +16,14 @@ Rules:
    ``decode_attempts`` in all; a timed-out one is not (504): its engine may still be busy.
    Nothing is sent twice to an engine that answered: only legs that failed are retried.
 6. A stream that breaks after bytes reached the client ends with an SSE error event and no
-   ``[DONE]`` (counted in ``streams_broken``), never a silent truncation.
+   ``[DONE]`` (counted in ``streams_broken``), never a silent truncation. On ``/v1/messages``
+   it is Anthropic's ``event: error`` (its clients skip events they do not know).
 7. With a cache server, the shared KV cache is asked first (``cache_view.py``): a prompt it
    holds all but a short rest of goes to a decode engine alone (``decode_alone_cached``),
    its exact token count replaces the estimate, and ``x-pdfabric-cached-tokens`` tells the
-   client what was found. A lookup that fails changes nothing. Responses API requests are
-   not looked up: the engine renders their input (instructions, items) itself.
+   client what was found. A lookup that fails changes nothing. Responses and Messages API
+   requests are not looked up: the engine renders their input (instructions, system, items)
+   itself.
 8. With no healthy prefill engine at all, a prompt long enough to disaggregate is served by
    a decode engine alone: counted (``decode_alone_no_prefill``) and logged (once, then at
    most every ``_NO_PREFILL_LOG_S`` seconds with the count since), never silently.
@@ -38,8 +40,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from pdfabric.proxy.instances import Instance
-from pdfabric.proxy.legs import (RESPONSES, LegFailed, Opened, decode_body, encode_json, forward_headers,
-                                 forwarded, new_transfer_id, prefill_body)
+from pdfabric.proxy.legs import (MESSAGES, RESPONSES, LegFailed, Opened, decode_body, encode_json,
+                                 forward_headers, forwarded, new_transfer_id, prefill_body)
 
 if TYPE_CHECKING:
     from pdfabric.proxy.server import Proxy
@@ -59,7 +61,7 @@ async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: b
     forward_headers.set(forwarded(request.headers))  # set every time: a keep-alive connection's next
     # request may run in the same context
     looked = None  # Rule 7
-    if proxy.cache is not None and path != RESPONSES:
+    if proxy.cache is not None and path not in (RESPONSES, MESSAGES):
         looked = await proxy.cache.look(proxy, body, chat, tokens)
     if looked is not None:
         tokens = looked.prompt_tokens
@@ -106,7 +108,7 @@ async def serve_request(proxy: "Proxy", request: web.Request, path: str, chat: b
         opened.headers["x-pdfabric-decode"] = choice.decode.name
         if looked is not None:
             opened.headers["x-pdfabric-cached-tokens"] = str(looked.cached_tokens)
-        return await _respond(proxy, request, opened, stream)
+        return await _respond(proxy, request, opened, stream, path)
 
 
 class _DecodeFailed(Exception):
@@ -261,7 +263,8 @@ async def _prefill(proxy: "Proxy", p: Instance, path: str, body: dict[str, Any],
         proxy.stats.counters["prefill_n"] += 1
 
 
-async def _respond(proxy: "Proxy", request: web.Request, opened: Opened, stream: bool) -> web.StreamResponse:
+async def _respond(proxy: "Proxy", request: web.Request, opened: Opened, stream: bool,
+                   path: str) -> web.StreamResponse:
     resp = opened.resp
     headers = {k: v for k, v in resp.headers if k.lower() not in _HOP}
     headers.update(opened.headers)
@@ -275,7 +278,7 @@ async def _respond(proxy: "Proxy", request: web.Request, opened: Opened, stream:
             try:
                 chunk = await resp.next_piece()
             except (ValueError, OSError, asyncio.TimeoutError) as e:  # the engine, not the client
-                await _stream_broken(proxy, out, opened, e)
+                await _stream_broken(proxy, out, opened, e, path)
                 return out
             if not chunk:
                 break
@@ -291,7 +294,8 @@ async def _respond(proxy: "Proxy", request: web.Request, opened: Opened, stream:
         resp.close()  # the connection goes back to the pool if the answer was read to its end
 
 
-async def _stream_broken(proxy: "Proxy", out: web.StreamResponse, opened: Opened, e: BaseException) -> None:
+async def _stream_broken(proxy: "Proxy", out: web.StreamResponse, opened: Opened, e: BaseException,
+                         path: str) -> None:
     """Rule 6: the decode engine stopped in the middle of a stream the client is reading. The
     answer cannot be retried (the client has part of it), so it ends with an error event and
     without ``[DONE]``: the client learns the answer is incomplete (the openai client raises)."""
@@ -301,8 +305,12 @@ async def _stream_broken(proxy: "Proxy", out: web.StreamResponse, opened: Opened
     log.warning("pdfabric proxy: the stream from decode instance %s broke: %s", name, why)
     if opened.prefill is not None:
         opened.prefill.cancel()
-    error = {"error": {"message": f"decode instance {name} {why}; the answer is incomplete",
-                       "type": "upstream_error", "code": 502}}
+    message = f"decode instance {name} {why}; the answer is incomplete"
+    if path == MESSAGES:
+        event = b"event: error\ndata: " + encode_json({"type": "error", "error": {"type": "api_error",
+                                                                              "message": message}})
+    else:
+        event = b"data: " + encode_json({"error": {"message": message, "type": "upstream_error", "code": 502}})
     with contextlib.suppress(ConnectionError, RuntimeError):  # the client may be gone as well
-        await out.write(b"data: " + encode_json(error) + b"\n\n")
+        await out.write(event + b"\n\n")
         await out.write_eof()

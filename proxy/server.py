@@ -1,8 +1,8 @@
 """The routing proxy: an OpenAI-compatible front that pairs each request with a prefill
 and a decode engine (aiohttp on uvloop).
 
-Endpoints: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses`` (streaming passed
-through chunk by chunk, or not), ``/v1/models``, ``/health`` (200 once a decode engine is healthy, else 503),
+Endpoints: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses`` and the Anthropic
+``/v1/messages`` (streaming passed through chunk by chunk, or not), ``/v1/models``, ``/health`` (200 once a decode engine is healthy, else 503),
 ``/live`` (200 while the proxy serves HTTP), ``/metrics`` and the admin API
 ``/admin/instances`` (GET list, POST add), ``/admin/instances/{name}/drain`` (POST) and
 ``/admin/instances/{name}`` (DELETE).
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from aiohttp import web
 
 from pdfabric.proxy.instances import Instance, Registry, UnknownInstance
-from pdfabric.proxy.legs import CHAT, COMPLETIONS, RESPONSES, Upstream, decode_json
+from pdfabric.proxy.legs import CHAT, COMPLETIONS, MESSAGES, RESPONSES, Upstream, decode_json
 from pdfabric.proxy.policy import Router, chunk_hashes, estimate_tokens
 
 if TYPE_CHECKING:
@@ -100,6 +100,7 @@ class Proxy:
         r.add_post("/v1/completions", self._completions)
         r.add_post("/v1/chat/completions", self._chat)
         r.add_post("/v1/responses", self._responses)
+        r.add_post("/v1/messages", self._messages)
         r.add_get("/v1/models", self._models)
         r.add_get("/health", self._health)
         r.add_get("/live", self._live)
@@ -158,9 +159,10 @@ class Proxy:
         if not keys:
             return
         got = request.headers.get("Authorization", "")
-        token = got[7:] if got.startswith("Bearer ") else ""
+        # Bearer (OpenAI clients) or x-api-key (Anthropic clients)
+        token = got[7:] if got.startswith("Bearer ") else request.headers.get("x-api-key", "")
         if not any(hmac.compare_digest(token, k) for k in keys):
-            raise HTTPProblem(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+            raise HTTPProblem(401, "missing or wrong API key (Authorization: Bearer ..., or x-api-key)", "authentication_error")
 
     async def _health(self, _: web.Request) -> web.Response:
         ok = bool(self.registry.decodes())
@@ -252,6 +254,9 @@ class Proxy:
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, RESPONSES)
 
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, MESSAGES)
+
     async def _serve(self, request: web.Request, path: str) -> web.StreamResponse:
         body = await _json_body(request)
         chat = path == CHAT
@@ -301,8 +306,10 @@ def _validate(body: dict[str, Any], path: str) -> None:
         v = body.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise HTTPProblem(400, f"'{key}' must be a positive integer, got {json.dumps(v)}")
-    if path == CHAT and not isinstance(body.get("messages"), list):
+    if path in (CHAT, MESSAGES) and not isinstance(body.get("messages"), list):
         raise HTTPProblem(400, "'messages' is required and must be a list")
+    if path == MESSAGES and body.get("max_tokens") is None:
+        raise HTTPProblem(400, "'max_tokens' is required (Messages API)")
     if path == COMPLETIONS and not isinstance(body.get("prompt"), (str, list)):
         raise HTTPProblem(400, "'prompt' is required: a string, a list of strings or of token ids")
     if path == RESPONSES:
@@ -328,8 +335,11 @@ def _validate_responses(body: dict[str, Any]) -> None:
 def _prompt_of(body: dict[str, Any], path: str) -> Any:
     if path == COMPLETIONS:
         return body.get("prompt")
-    if path == CHAT:
+    if path in (CHAT, MESSAGES):
         items, parts = body.get("messages", []), []
+        if path == MESSAGES and body.get("system") is not None:
+            system = body["system"]
+            parts.append(system if isinstance(system, str) else json.dumps(system))
     else:
         items = body["input"] if isinstance(body["input"], list) else [body["input"]]
         parts = [body["instructions"]] if isinstance(body.get("instructions"), str) else []

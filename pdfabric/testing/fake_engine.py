@@ -3,7 +3,8 @@
 Serves ``/v1/completions`` and ``/v1/chat/completions`` (JSON shaped like vLLM's, or SSE:
 one ``data: {...}`` chunk per output token, then ``data: [DONE]``), ``/v1/responses`` (a
 response object, or SSE events: ``response.created``, one ``response.output_text.delta`` per
-token, ``response.completed``; like vLLM it reads ``max_output_tokens``, not ``max_tokens``), ``/health``,
+token, ``response.completed``; like vLLM it reads ``max_output_tokens``, not ``max_tokens``),
+``/v1/messages`` (Anthropic's message, or its SSE events; ``max_tokens`` required), ``/health``,
 ``/v1/models`` and ``POST /tokenize`` (vLLM's shape; a fake tokenization, ``fake_token_ids``:
 one token per 4 characters; recorded in ``tokenized``). It records every completion request
 it receives (``requests``: path, body with ``kv_transfer_params``, arrival time, and whether
@@ -111,6 +112,7 @@ class FakeEngine:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/responses", self._chat)  # chat-like input; told apart by path
+        app.router.add_post("/v1/messages", self._chat)
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/tokenize", self._tokenize)
@@ -224,7 +226,8 @@ class FakeEngine:
             limit = (body.get("max_completion_tokens") if chat else None) or body.get("max_tokens")
         n = max(1, min(limit if isinstance(limit, int) else self.tokens, self.tokens))
         self._n += 1
-        rid = f"{'resp' if responses else 'chatcmpl' if chat else 'cmpl'}-{self.name}-{self._n}"
+        kind = {"/v1/responses": "resp", "/v1/messages": "msg"}.get(rec.path, "chatcmpl" if chat else "cmpl")
+        rid = f"{kind}-{self.name}-{self._n}"
         usage = {"prompt_tokens": _prompt_tokens(body, chat), "completion_tokens": n}
         usage["total_tokens"] = usage["prompt_tokens"] + n
         kv = self._kv_answer(body, usage["prompt_tokens"])
@@ -234,6 +237,8 @@ class FakeEngine:
             return _cut(request, rec, web.Response())
         if responses:
             return await self._respond(request, rec, head, n, usage, kv, headers)
+        if kind == "msg":
+            return await self._message(request, rec, head, n, usage, kv, headers)
         if body.get("stream"):
             return await self._stream(request, rec, chat, head, n, usage, headers)
         await asyncio.sleep(self.delay_s * n)
@@ -305,6 +310,36 @@ class FakeEngine:
         rec.finished = True
         return resp
 
+    async def _message(self, request: web.Request, rec: Received, head: dict[str, Any], n: int,
+                       usage: dict[str, Any], kv: dict[str, Any] | None, headers: dict[str, str]) -> web.StreamResponse:
+        """An Anthropic Messages API answer (vLLM's shape, trimmed): JSON, or SSE events."""
+        text = "".join(_token(i) for i in range(n))
+        msg = {"id": head["id"], "type": "message", "role": "assistant", "model": head["model"],
+               "content": [{"type": "text", "text": text}], "stop_reason": "max_tokens", "stop_sequence": None,
+               "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": n}, "kv_transfer_params": kv}
+        if not rec.body.get("stream"):
+            await asyncio.sleep(self.delay_s * n)
+            rec.finished = True
+            return web.json_response(msg, headers=headers)
+        resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        start = {**msg, "content": [], "stop_reason": None, "usage": {**msg["usage"], "output_tokens": 0}}
+        await resp.write(_anthropic("message_start", {"message": start}))
+        await resp.write(_anthropic("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}))
+        for i in range(n):
+            await asyncio.sleep(self.delay_s)
+            if self.faults.cut_after is not None and i >= self.faults.cut_after:
+                return _cut(request, rec, resp)
+            delta = {"index": 0, "delta": {"type": "text_delta", "text": _token(i)}}
+            await resp.write(_anthropic("content_block_delta", delta))
+        await resp.write(_anthropic("content_block_stop", {"index": 0}))
+        await resp.write(_anthropic("message_delta", {"delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                                                      "usage": {"output_tokens": n}}))
+        await resp.write(_anthropic("message_stop", {}))
+        await resp.write_eof()
+        rec.finished = True
+        return resp
+
     def _kv_answer(self, body: dict[str, Any], prompt_tokens: int) -> dict[str, Any] | None:
         kv = body.get("kv_transfer_params")
         if self.role == "decode" or not isinstance(kv, dict) or kv.get("pdfabric") != "produce":
@@ -319,6 +354,11 @@ def _token(i: int) -> str:
 
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _anthropic(kind: str, fields: dict[str, Any]) -> bytes:
+    """One Anthropic Messages stream event."""
+    return f"event: {kind}\n".encode() + _sse({"type": kind, **fields})
 
 
 def _event(kind: str, fields: dict[str, Any], seq: int) -> bytes:

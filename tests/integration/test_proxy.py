@@ -151,6 +151,46 @@ def test_openai_client_responses(make_stack: MakeStack) -> None:
     assert len(s.prefills[0].requests) == len(s.decodes[0].requests) == 2
 
 
+def test_messages_api_is_disaggregated(make_stack: MakeStack) -> None:
+    s = make_stack(prefills=1, engine={"tokens": 6})
+    client_body = {"model": "fake-model", "system": "be brief", "max_tokens": 3, "stream": True,
+                   "messages": [{"role": "user", "content": [{"type": "text", "text": LONG_PROMPT}]}],
+                   "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    r = s.client.post("/v1/messages", json=client_body)
+    assert r.status_code == 200 and r.headers["x-pdfabric-prefill"] == "p0"
+    kinds = [line[7:] for line in r.text.splitlines() if line.startswith("event: ")]
+    assert kinds[:2] == ["message_start", "content_block_start"] and kinds[-1] == "message_stop"
+    assert kinds.count("content_block_delta") == 3
+    s.settle()
+    p, d = only(s.prefills[0].requests), only(s.decodes[0].requests)
+    tid = p.kv["transfer_id"]
+    assert p.path == d.path == "/v1/messages"
+    assert p.kv == {"pdfabric": "produce", "transfer_id": tid}
+    assert p.body["max_tokens"] == 1 and p.body["stream"] is False
+    # vLLM refuses a thinking budget that is not under max_tokens (1); it only bounds sampling
+    assert "thinking" not in p.body and p.body["system"] == "be brief"
+    assert d.kv["transfer_id"] == tid
+    assert {k: v for k, v in d.body.items() if k != "kv_transfer_params"} == client_body
+
+
+def test_anthropic_client_messages(make_stack: MakeStack) -> None:
+    import anthropic
+
+    s = make_stack(prefills=1, api_keys=("sk-test",), engine={"tokens": 4})
+    with anthropic.Anthropic(base_url=s.url, api_key="sk-test", max_retries=0, timeout=10) as client:
+        msg = client.messages.create(model="fake-model", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+        assert msg.content[0].text == " tok0 tok1 tok2" and msg.usage.output_tokens == 3  # type: ignore[union-attr]
+        events = list(client.messages.create(model="fake-model", max_tokens=8, stream=True,
+                                             messages=[{"role": "user", "content": "hi"}]))
+        text = "".join(e.delta.text for e in events if e.type == "content_block_delta")  # type: ignore[union-attr]
+        assert text == " tok0 tok1 tok2 tok3" and events[-1].type == "message_stop"
+    with anthropic.Anthropic(base_url=s.url, api_key="wrong", max_retries=0, timeout=10) as client:
+        with pytest.raises(anthropic.AuthenticationError):
+            client.messages.create(model="fake-model", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+    s.settle()
+    assert len(s.prefills[0].requests) == len(s.decodes[0].requests) == 2
+
+
 # -- policies ------------------------------------------------------------------------------
 def test_round_robin_alternates_pairs(make_stack: MakeStack) -> None:
     s = make_stack(prefills=2, decodes=2, policy="round_robin")

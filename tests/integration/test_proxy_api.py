@@ -49,6 +49,9 @@ BAD_BODIES: list[tuple[str, str, bytes, str]] = [
      "'previous_response_id' is not supported"),
     ("responses-background", "/v1/responses", json.dumps({"model": "m", "input": "x", "background": True}).encode(),
      "'background' is not supported"),
+    ("messages-no-max-tokens", "/v1/messages", json.dumps({"model": "m", "messages": MSGS}).encode(),
+     "'max_tokens' is required"),
+    ("messages-no-messages", "/v1/messages", json.dumps({"model": "m", "max_tokens": 3}).encode(), "'messages'"),
     ("client-kv-params", "/v1/completions", json.dumps({"model": "m", "prompt": "x", "kv_transfer_params": {
         "pdfabric": "consume", "transfer_id": "t", "producer": "10.0.0.1:1"}}).encode(), "kv_transfer_params"),
 ]

@@ -184,6 +184,31 @@ def test_decode_engine_cutting_the_stream_ends_it_with_an_error_event(make_stack
     wait_until(lambda: s.instance("d0")["in_flight"] == 0, what="decode load back")
 
 
+def test_cut_streams_of_the_responses_and_messages_apis_raise_in_their_clients(make_stack: MakeStack) -> None:
+    """Rule 6 in each API's own terms: the openai client raises on the error data of a
+    Responses stream, and the anthropic client on an ``event: error`` (it skips unnamed ones)."""
+    import anthropic
+
+    s = make_stack(prefills=1, engine={"tokens": 10})
+    s.decodes[0].faults.cut_after = 3
+    with s.client.stream("POST", "/v1/messages", json={"model": "m", "max_tokens": 10, "stream": True,
+                                                        "messages": [{"role": "user", "content": "x"}]}) as r:
+        raw = "".join(r.iter_text())
+    assert raw.count("event: content_block_delta") == 3 and "message_stop" not in raw
+    assert raw.rstrip().splitlines()[-2:][0] == "event: error" and "incomplete" in raw.splitlines()[-2]
+    with openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0) as client:
+        with pytest.raises(openai.APIError, match="incomplete"):
+            for _ in client.responses.create(model="m", input="x", stream=True):
+                pass
+    with anthropic.Anthropic(base_url=s.url, api_key="none", max_retries=0) as ac:
+        with pytest.raises(anthropic.APIStatusError, match="incomplete"):
+            for _ in ac.messages.create(model="m", max_tokens=10, stream=True, messages=[{"role": "user", "content": "x"}]):
+                pass
+    assert s.metrics()["pdfabric_proxy_streams_broken_total"] == 3
+    s.decodes[0].faults.cut_after = None
+    wait_until(lambda: s.instance("d0")["in_flight"] == 0, what="decode load back")
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_decode_engine_failing_before_its_answer_is_retried_on_another(make_stack: MakeStack, stream: bool) -> None:
     """Rule 5: nothing reached the client, so the request gets a new pair on the other decode

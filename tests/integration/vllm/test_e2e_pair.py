@@ -281,19 +281,43 @@ def test_responses_api_through_the_proxy(pair: FabricPair, proxy_url: str) -> No
     words = " ".join(f"w{i} alpha{i % 7} beta{i % 11}" for i in range(60))
     ask = {"model": "tiny-llama", "instructions": "answer briefly", "max_output_tokens": 10, "temperature": 0}
     inputs = [words, [{"role": "user", "content": "second " + words}]]
-    direct = openai.OpenAI(base_url=pair.prefill.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    client = openai.OpenAI(base_url=proxy_url + "/v1", api_key="unused", max_retries=0, timeout=120)
     ext0, recomputes0 = by_source(pair.decode, "external_kv_transfer"), _recomputes(pair)
     want_ext = 0
-    for inp in inputs:
-        want = direct.responses.create(input=inp, **ask)
-        assert want.usage is not None
-        want_ext += want.usage.input_tokens - 1
-        got = client.responses.create(input=inp, **ask)
-        assert got.output_text == want.output_text and got.status == want.status
-    events = list(client.responses.create(input=words + " again", stream=True, **ask))
+    with openai.OpenAI(base_url=pair.prefill.url + "/v1", api_key="unused", max_retries=0, timeout=120) as direct, \
+            openai.OpenAI(base_url=proxy_url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        for inp in inputs:
+            want = direct.responses.create(input=inp, **ask)
+            assert want.usage is not None
+            want_ext += want.usage.input_tokens - 1
+            got = client.responses.create(input=inp, **ask)
+            assert got.output_text == want.output_text and got.status == want.status
+        events = list(client.responses.create(input=words + " again", stream=True, **ask))
     assert events[-1].type == "response.completed"
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == events[-1].response.output_text
+    assert _external_after(pair, ext0, want_ext)
+    assert _recomputes(pair) == recomputes0
+    assert_idle(pair)
+
+
+def test_messages_api_through_the_proxy(pair: FabricPair, proxy_url: str) -> None:
+    """vLLM's Anthropic Messages API through the proxy, with the anthropic client: the same
+    answer as the prefill engine's own, the prompt from the transfer, no recompute."""
+    import anthropic
+
+    words = " ".join(f"m{i} gamma{i % 5} delta{i % 13}" for i in range(60))
+    ask = {"model": "tiny-llama", "system": "answer briefly", "max_tokens": 10, "extra_body": {"temperature": 0}}
+    ext0, recomputes0 = by_source(pair.decode, "external_kv_transfer"), _recomputes(pair)
+    messages = [{"role": "user", "content": words}]
+    streamed = [{"role": "user", "content": [{"type": "text", "text": "more " + words}]}]
+    with anthropic.Anthropic(base_url=pair.prefill.url, api_key="unused", max_retries=0, timeout=120) as direct, \
+            anthropic.Anthropic(base_url=proxy_url, api_key="unused", max_retries=0, timeout=120) as client:
+        want = direct.messages.create(messages=messages, **ask)  # type: ignore[arg-type]
+        got = client.messages.create(messages=messages, **ask)  # type: ignore[arg-type]
+        events = list(client.messages.create(messages=streamed, stream=True, **ask))  # type: ignore[arg-type]
+    assert [b.text for b in got.content] == [b.text for b in want.content]  # type: ignore[union-attr]
+    assert events[-1].type == "message_stop"
+    want_ext = want.usage.input_tokens - 1 + next(e.message.usage.input_tokens for e in events  # type: ignore[union-attr]
+                                                   if e.type == "message_start") - 1
     assert _external_after(pair, ext0, want_ext)
     assert _recomputes(pair) == recomputes0
     assert_idle(pair)

@@ -6,7 +6,8 @@ prefill -> decode link probed with a real transfer, its GB/s printed) and the en
 table. ``--demo`` sends the demo questions and exits (``--serve`` keeps serving);
 ``--dry-run`` prints the exact commands and environment and starts nothing. ``--only NAMES``
 starts just those processes (one launch per host for a topology spread over several
-hosts); its checks cover only the engines it started. Ctrl-C or
+hosts); its checks cover only the engines it started. While serving, a process that exits
+is restarted (``--restart``, ``--max-restarts``; ``pdfabric.launch.runner``). Ctrl-C or
 SIGTERM stops everything, by process id. Exit codes: 0 ok, 1 a process or check failed,
 2 bad input (topology, preflight).
 """
@@ -17,7 +18,6 @@ import argparse
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--only", metavar="NAMES",
                    help="start only these processes (comma-separated instance names, proxy, cache-server): "
                         "one launch per host when the topology spans several hosts")
+    p.add_argument("--restart", choices=["on-failure", "never"], default="on-failure",
+                   help="while serving, restart a process that exits (default: on-failure); never: stop the launch")
+    p.add_argument("--max-restarts", type=_count, default=3, metavar="N",
+                   help="a process that exits more than N times within 10 minutes stops the launch (default: 3)")
     p.add_argument("--platform", choices=["auto", "cpu", "cuda"], default="auto",
                    help="engine environment: CPU core binding or CUDA devices (auto: from the installed vLLM)")
     p.set_defaults(func=run)
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return n
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,10 +159,8 @@ def _run(topo: Any, plan: list[Any], args: argparse.Namespace, key: bytes, conso
             run_demo(topo, key, console)
         if not args.demo or args.serve:
             console.print("serving; Ctrl-C stops every process")
-            while runner.alive() and len(runner.alive()) == len(runner.procs):
-                time.sleep(1.0)
-            dead = [p.spec.name for p in runner.procs if p.popen is not None and p.popen.poll() is not None]
-            console.print(f"[red]stopped:[/] {escape(', '.join(dead))} exited; see {escape(str(args.log_dir))}")
+            why = runner.supervise(args.restart, args.max_restarts, args.timeout)
+            console.print(f"[red]stopped:[/] {escape(why)}; see {escape(str(args.log_dir))}")
             return 1
         return 0
     except LaunchFailed as e:

@@ -6,6 +6,13 @@ Each process runs in its own process group with its output in ``<log_dir>/<name>
 then starts the proxy. A process that exits early fails the launch with the tail of its
 log; ``stop`` sends SIGTERM to every group, waits, then SIGKILLs what is left. Nothing is
 found or killed by name: only the process ids this object started.
+
+While serving, ``supervise`` restarts a process that exits (policy ``on-failure``): what is
+left of its process group is killed first (a vLLM engine's core process outlives its API
+server), then it starts again with the same command after a back-off (1 s, doubling, at
+most 30 s), its log appended to. A process that exits more than ``max_restarts`` times
+within ``RESTART_WINDOW_S``, or is not ready again within the launch's timeout, stops the
+launch; so does any exit with policy ``never``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,10 @@ from rich.table import Table
 
 from pdfabric.launch.plan import ProcSpec
 
-__all__ = ["LaunchFailed", "Proc", "Runner"]
+__all__ = ["LaunchFailed", "Proc", "Runner", "RESTART_WINDOW_S"]
+
+RESTART_WINDOW_S = 600.0
+_BACKOFF_MAX_S = 30.0
 
 
 class LaunchFailed(RuntimeError):
@@ -44,6 +54,8 @@ class Proc:
     started: float = field(default_factory=time.monotonic)
     state: str = "pending"
     ready_after: float | None = None
+    exits: list[float] = field(default_factory=list)  # monotonic times it exited while serving
+    restart_at: float = 0.0
 
     def tail(self, n: int = 30) -> str:
         try:
@@ -71,10 +83,13 @@ class Runner:
                     self._spawn(p)
                 self._wait(group, timeout, live)
 
-    def _spawn(self, p: Proc) -> None:
+    def _spawn(self, p: Proc, append: bool = False) -> None:
         env = {**os.environ, **p.spec.env}
         cpus = set(p.spec.cpus)
-        with open(p.log_path, "wb") as log:
+        with open(p.log_path, "ab" if append else "wb") as log:
+            if append:
+                log.write(f"\n--- pdfabric launch: restart {len(p.exits)} at {time.strftime('%H:%M:%S')} ---\n".encode())
+                log.flush()
             p.popen = subprocess.Popen(p.spec.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=env, start_new_session=True,
                                        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
@@ -120,6 +135,48 @@ class Runner:
                       escape(str(p.log_path)))
         return t
 
+    def supervise(self, policy: str, max_restarts: int, timeout: float, tick: float = 0.5) -> str:
+        """Serve until a process cannot be kept running; returns why (see the module doc)."""
+        while True:
+            now = time.monotonic()
+            for p in self.procs:
+                why = self._watch(p, now, policy, max_restarts, timeout)
+                if why is not None:
+                    return why
+            time.sleep(tick)
+
+    def _watch(self, p: Proc, now: float, policy: str, max_restarts: int, timeout: float) -> str | None:
+        if p.popen is None:
+            return None
+        if p.state == "backoff":
+            if now >= p.restart_at:
+                self._spawn(p, append=True)
+                p.state = "restarting"
+            return None
+        code = p.popen.poll()
+        if code is None:
+            if p.state == "restarting":
+                if _healthy(p.spec.ready_url):
+                    p.state, p.ready_after = "ready", now - p.started
+                    self.console.print(f"{escape(p.spec.name)} is ready again after {p.ready_after:.0f}s")
+                elif now - p.started > timeout:
+                    return f"{p.spec.name} was not ready again {timeout:g}s after its restart"
+            return None
+        _kill_group(p.popen.pid)  # what is left of it (a vLLM engine's core process)
+        p.exits = [t for t in p.exits if now - t < RESTART_WINDOW_S] + [now]
+        what = f"{p.spec.name} exited with code {code}"
+        if policy == "never":
+            return what
+        if len(p.exits) > max_restarts:
+            return (f"{what}: {len(p.exits)} exits within {RESTART_WINDOW_S / 60:g} minutes, "
+                    f"more than --max-restarts {max_restarts}")
+        delay = min(_BACKOFF_MAX_S, 2.0 ** (len(p.exits) - 1))
+        p.state, p.restart_at = "backoff", now + delay
+        self.console.print(f"[yellow]{escape(what)}[/]; restarting it in {delay:g}s "
+                           f"(restart {len(p.exits)} of at most {max_restarts} within {RESTART_WINDOW_S / 60:g} minutes); "
+                           f"log: {escape(str(p.log_path))}")
+        return None
+
     def alive(self) -> list[Proc]:
         return [p for p in self.procs if p.popen is not None and p.popen.poll() is None]
 
@@ -139,6 +196,18 @@ class Runner:
             _signal_group(p.popen.pid, signal.SIGKILL)  # children of the group (engine core, workers)
             if p.popen.poll() is None:
                 p.popen.wait(10)
+
+
+def _kill_group(pgid: int, wait: float = 5.0) -> None:
+    """SIGKILL a process group and wait (bounded) until none of it is left."""
+    _signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -356,6 +356,118 @@ def test_one_launch_per_host_serves_through_the_proxy(tmp_path: Path) -> None:
         assert_all_gone(logs)
 
 
+def _start_launch(topo: Path, logs: Path, err: Path, *extra: str) -> subprocess.Popen[bytes]:
+    with open(err, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "pdfabric.cli", "launch", str(topo), "--log-dir", str(logs),
+                                 *extra], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, "COLUMNS": "200"})
+
+
+def _kill_process(logs: Path, name: str) -> int:
+    """SIGKILL the whole process group of ``name`` (as a crash would end it); its pid."""
+    pid = int(json.loads((logs / "pids.json").read_text())[name])
+    os.killpg(pid, signal.SIGKILL)
+    return pid
+
+
+def _new_pid(logs: Path, name: str, old: int, timeout: float = 30) -> int:
+    deadline = time.monotonic() + timeout
+    while (pid := int(json.loads((logs / "pids.json").read_text())[name])) == old:
+        assert time.monotonic() < deadline, f"{name} was not restarted within {timeout:g}s"
+        time.sleep(0.2)
+    return pid
+
+
+def test_a_process_that_dies_is_restarted_until_max_restarts(tmp_path: Path) -> None:
+    """--restart on-failure (the default): a killed proxy is started again (same port, log
+    appended); its second death within the window is over --max-restarts 1: the launch
+    stops, exit 1, saying why, with nothing left running."""
+    topo = write_topology(tmp_path / "t.yaml", model={"path": str(tmp_path / "no-model-here"), "block_size": 32})
+    port = yaml.safe_load(topo.read_text())["proxy"]["port"]
+    logs, err = tmp_path / "logs", tmp_path / "launch.err"
+    proc = _start_launch(topo, logs, err, "--only", "proxy", "--max-restarts", "1")
+    try:
+        _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 120)
+        first = _kill_process(logs, "proxy")
+        _wait_for_text(proc, err, "proxy is ready again", 60)
+        second = _new_pid(logs, "proxy", first)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/live", timeout=5) as resp:
+            assert resp.status == 200
+        out = err.read_text()
+        assert "proxy exited with code -9; restarting it in 1s (restart 1 of at most 1 within 10 minutes)" in out
+        assert "--- pdfabric launch: restart 1 at " in (logs / "proxy.log").read_text()
+        _kill_process(logs, "proxy")
+        assert proc.wait(60) == 1
+    finally:
+        _stop_launch(proc, ("--log-dir", str(logs)))
+    out = err.read_text()
+    assert "stopped: proxy exited with code -9: 2 exits within 10 minutes, more than --max-restarts 1" in out, out[-3000:]
+    assert int(json.loads((logs / "pids.json").read_text())["proxy"]) == second
+    assert_all_gone(logs)
+
+
+def test_restart_never_stops_the_launch_at_the_first_death(tmp_path: Path) -> None:
+    topo = write_topology(tmp_path / "t.yaml", model={"path": str(tmp_path / "no-model-here"), "block_size": 32})
+    logs, err = tmp_path / "logs", tmp_path / "launch.err"
+    proc = _start_launch(topo, logs, err, "--only", "proxy", "--restart", "never")
+    try:
+        _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 120)
+        _kill_process(logs, "proxy")
+        assert proc.wait(60) == 1
+    finally:
+        _stop_launch(proc, ("--log-dir", str(logs)))
+    out = err.read_text()
+    assert "stopped: proxy exited with code -9; see" in out and "restarting" not in out, out[-3000:]
+    assert_all_gone(logs)
+
+
+@pytest.mark.timeout(900)
+def test_crashed_engines_are_restarted_and_serve_transfers_again(tmp_path: Path) -> None:
+    """A prefill engine, then a decode engine, killed as a crash would (the whole group):
+    each is restarted with its ports and comes back; the next request through the proxy is
+    disaggregated again and the new decode engine takes the prompt from a transfer (the
+    peers of the dead engine's incarnation are refused as stale and fetched again)."""
+    from pdfabric.connector.control import query_status
+    from pdfabric.testing.fabric import make_prompt
+
+    secret = tmp_path / "secret"
+    secret.write_text(os.urandom(16).hex())
+    topo = write_topology(tmp_path / "t.yaml", secret={"file": str(secret)})
+    data = yaml.safe_load(topo.read_text())
+    proxy, decode = f"http://127.0.0.1:{data['proxy']['port']}", data["instances"][1]
+    logs, err = tmp_path / "logs", tmp_path / "launch.err"
+    proc = _start_launch(topo, logs, err)
+    try:
+        _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 700)
+        for n, name in enumerate(("prefill-0", "decode-0")):
+            _new_pid(logs, name, _kill_process(logs, name), timeout=30)
+            _wait_for_text(proc, err, f"{name} is ready again", 300)
+            _wait_healthy_in_proxy(proxy, 60)  # its next health probe finds the engine back
+            body = {"model": "tiny-llama", "prompt": make_prompt(300, seed=11 + n, vocab=1000), "max_tokens": 4}
+            req = urllib.request.Request(proxy + "/v1/completions", json.dumps(body).encode(),
+                                         {"content-type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                assert resp.headers["x-pdfabric-prefill"] == "prefill-0"
+                assert json.loads(resp.read())["usage"]["prompt_tokens"] == 300
+            counters = query_status(f"127.0.0.1:{decode['control_port']}", secret.read_text().encode()).counters
+            assert counters.get("received", 0) >= 1 and counters.get("recomputes", 0) == 0, counters
+    finally:
+        _stop_launch(proc, ("--log-dir", str(logs)))
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    assert_all_gone(logs)
+
+
+def _wait_healthy_in_proxy(proxy: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(proxy + "/admin/instances", timeout=5) as resp:
+            instances = json.loads(resp.read())["instances"]
+        if all(i["healthy"] for i in instances):
+            return
+        assert time.monotonic() < deadline, f"the proxy still sees an engine down: {instances}"
+        time.sleep(0.5)
+
+
 def _wait_for_text(proc: subprocess.Popen[bytes], out: Path, text: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while text not in out.read_text(errors="replace"):

@@ -61,6 +61,12 @@ class LookupClient:
             async with asyncio.timeout_at(deadline):
                 await self._ready(chunk_bytes)
                 reply = await self._ask(lambda seq: wire.Lookup(seq, list(keys), False))
+                if isinstance(reply, wire.Refused) and reply.reason.startswith(wire.HELLO_FIRST):
+                    # a new server on this port (it restarted): greet it and ask again
+                    self.counters["reconnects"] += 1
+                    self._drop()
+                    await self._ready(chunk_bytes)
+                    reply = await self._ask(lambda seq: wire.Lookup(seq, list(keys), False))
         except (TimeoutError, OSError, zmq.ZMQError) as e:
             self._failed("no answer in time" if isinstance(e, TimeoutError) else repr(e))
             return None

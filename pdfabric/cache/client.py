@@ -187,6 +187,12 @@ class RemoteCacheClient:
             try:
                 self._socket()
                 reply = self._ask(make(next(self._seq)))
+                if isinstance(reply, wire.Refused) and reply.reason.startswith(wire.HELLO_FIRST):
+                    # a new server on this port (it restarted): greet it, map its arena, ask again
+                    self.counters["reconnects"] += 1
+                    self._drop()
+                    self._socket()
+                    reply = self._ask(make(next(self._seq)))
             except Exception as e:
                 self.counters["errors"] += 1
                 self._down_until = time.monotonic() + self.retry_after_s

@@ -260,8 +260,11 @@ class CacheService:
             self._remember_keying(msg)
             assert self.arena is not None
             return wire.HelloOk(seq, str(self.arena.path), self.arena.size, msg.chunk_bytes)
-        if self.cache is None or self.arena is None:
-            return wire.Refused(seq, "say Hello first")
+        if self.cache is None or self.arena is None or ident not in self._chunk_tokens:
+            # a connection this server never greeted: its client may hold the arena of a
+            # server that ran here before (written into, it would reach nobody)
+            return wire.Refused(seq, f"{wire.HELLO_FIRST}: this server has not greeted this connection "
+                                     "(it may have restarted)")
         if isinstance(msg, wire.Lookup):
             n = self.cache.lookup(msg.keys)
             per = self._chunk_tokens.get(ident, 0)

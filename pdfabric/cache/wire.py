@@ -22,6 +22,7 @@ import msgspec
 
 __all__ = [
     "CACHE_WIRE_VERSION",
+    "HELLO_FIRST",
     "Commit",
     "Count",
     "Done",
@@ -43,6 +44,10 @@ __all__ = [
 ]
 
 CACHE_WIRE_VERSION = 1
+# the start of the reason a server refuses any message but Hello with, from a connection
+# that did not say Hello to it (a client of a previous server on this port): the client
+# connects again, says Hello and maps the new server's arena
+HELLO_FIRST = "say Hello first"
 
 
 class _Msg(msgspec.Struct, tag=True, array_like=True, frozen=True):

@@ -194,6 +194,27 @@ def test_a_cache_server_that_is_down_costs_a_bounded_wait_then_nothing(make_stac
     assert s.proxy.cache is not None and s.proxy.cache.client.counters["skipped_while_down"] == 2
 
 
+def test_a_restarted_cache_server_is_greeted_again_by_the_next_lookup(make_stack: MakeStack) -> None:
+    """The proxy made no lookup while the server was down: its connection reconnected
+    underneath it. The new server refuses a connection it never greeted; the proxy says
+    Hello again and the same lookup is answered."""
+    srv = CacheServerProcess(memory="16MiB").start()
+    prompt = ids(5000, 2 * CT + 1)
+    try:
+        fill(srv, prompt)
+        s = stack_on(make_stack, srv)
+        assert s.complete(prompt).headers["x-pdfabric-cached-tokens"] == str(2 * CT)
+    finally:
+        srv.stop()
+    with CacheServerProcess(srv.port, http_port=srv.http_port, memory="16MiB") as again:
+        fill(again, prompt)
+        r = s.complete(prompt)
+        assert r.status_code == 200 and r.headers["x-pdfabric-cached-tokens"] == str(2 * CT)
+    assert s.proxy.cache is not None
+    counters = s.proxy.cache.client.counters
+    assert counters["reconnects"] == 1 and counters["skipped_while_down"] == 0
+
+
 def test_no_keying_yet_means_no_lookups(make_stack: MakeStack) -> None:
     with CacheServerProcess(memory="16MiB") as srv:
         c = RemoteCacheClient(srv.address, CHUNK_BYTES, fingerprint="salted-fp", chunk_tokens=CT, salted=True)

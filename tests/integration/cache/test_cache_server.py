@@ -216,6 +216,31 @@ def test_a_restarted_server_finds_its_disk_tier_and_clients_reconnect(tmp_path: 
         s.stop()
 
 
+def test_a_client_idle_through_a_restart_greets_the_new_server_before_writing(tmp_path: Path) -> None:
+    """A client that made no call while the server was down still holds the old server's
+    arena (ZMQ reconnected underneath it). Its next write must land in the new server's
+    arena - refused as not greeted, it says Hello again and maps the new one - or the
+    chunk would be published with bytes nobody wrote (zeros), silently."""
+    s = Server(tmp_path).start()
+    a = RemoteCacheClient(s.address, CHUNK)
+    b: RemoteCacheClient | None = None
+    try:
+        fill(a, [1])
+        s.stop()
+        s.start()  # same port, a new arena; `a` saw nothing of it
+        b = RemoteCacheClient(s.address, CHUNK)
+        assert b.lookup([key(5)]) == 0  # b greets the new server
+        fill(a, [5])
+        assert a.counters["reconnects"] == 1 and a.counters["errors"] == 0
+        with b.read([key(5)]) as pinned:
+            assert pinned.views[0] is not None and bytes(pinned.views[0]) == pattern(5)
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+        s.stop()
+
+
 def test_arena_files_of_a_killed_server_are_removed_by_the_next_one(tmp_path: Path) -> None:
     s = Server(tmp_path).start()
     c = RemoteCacheClient(s.address, CHUNK)

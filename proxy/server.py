@@ -70,7 +70,13 @@ class HTTPProblem(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.code = status, message, kind, code
 
-    def response(self) -> web.Response:
+    def response(self, anthropic: bool = False) -> web.Response:
+        """OpenAI's error shape; Anthropic's (``{"type": "error", "error": ...}``) on its API."""
+        if anthropic:
+            kinds = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}
+            kind = kinds.get(self.status, "invalid_request_error" if self.status < 500 else "api_error")
+            return web.json_response({"type": "error", "error": {"type": kind, "message": self.message}},
+                                     status=self.status)
         body = {"error": {"message": self.message, "type": self.kind, "code": self.code or self.status}}
         return web.json_response(body, status=self.status)
 
@@ -147,12 +153,13 @@ class Proxy:
             return await handler(request)
         except HTTPProblem as p:
             self.stats.counters[f"errors_{p.status}"] += 1
-            return p.response()
+            return p.response(_anthropic(request))
         except web.HTTPRequestEntityTooLarge:
             self.stats.counters["errors_413"] += 1
-            return HTTPProblem(413, f"request body is larger than {self.settings.max_body} bytes").response()
+            return HTTPProblem(413, f"request body is larger than {self.settings.max_body} bytes").response(
+                _anthropic(request))
         except web.HTTPException as e:
-            return HTTPProblem(e.status, e.reason or "error").response()
+            return HTTPProblem(e.status, e.reason or "error").response(_anthropic(request))
 
     def _check_key(self, request: web.Request) -> None:
         keys = self.settings.api_keys
@@ -261,6 +268,10 @@ class Proxy:
         body = await _json_body(request)
         chat = path == CHAT
         _validate(body, path)
+        if path == RESPONSES:
+            # no engine keeps the answer: nothing could fetch it through the proxy
+            # (previous_response_id is refused, and which engine stored it is not known)
+            body["store"] = False
         stream = bool(body.get("stream", False))
         prompt = _prompt_of(body, path)
         tokens = estimate_tokens(prompt)
@@ -297,6 +308,10 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def _anthropic(request: web.Request) -> bool:
+    return request.path.startswith(MESSAGES)
+
+
 def _validate(body: dict[str, Any], path: str) -> None:
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise HTTPProblem(400, "'model' is required and must be a string", code="missing_model")
@@ -327,6 +342,10 @@ def _validate_responses(body: dict[str, Any]) -> None:
         raise HTTPProblem(400, "'previous_response_id' is not supported through the pdfabric proxy (a stored "
                           "response lives in one engine); send the earlier turns in 'input'",
                           code="unsupported_parameter")
+    if body.get("conversation") is not None:
+        raise HTTPProblem(400, "'conversation' is not supported through the pdfabric proxy (a conversation's "
+                          "state lives in one engine); send the earlier turns in 'input'",
+                          code="unsupported_parameter")
     if body.get("background"):
         raise HTTPProblem(400, "'background' is not supported through the pdfabric proxy (its response is "
                           "polled from the one engine that stores it)", code="unsupported_parameter")
@@ -345,7 +364,9 @@ def _prompt_of(body: dict[str, Any], path: str) -> Any:
         parts = [body["instructions"]] if isinstance(body.get("instructions"), str) else []
     for m in items:
         c = m.get("content") if isinstance(m, dict) else m
-        parts.append(c if isinstance(c, str) else json.dumps(c))
+        # not plain text (content parts, tool calls, a function call's output): the whole
+        # item, so its text counts (the JSON around it makes the estimate a little high)
+        parts.append(c if isinstance(c, str) else json.dumps(m))
     return "\n".join(parts)
 
 

@@ -47,6 +47,9 @@ BAD_BODIES: list[tuple[str, str, bytes, str]] = [
     ("responses-previous", "/v1/responses", json.dumps({"model": "m", "input": "x",
                                                         "previous_response_id": "resp_1"}).encode(),
      "'previous_response_id' is not supported"),
+    ("responses-conversation", "/v1/responses", json.dumps({"model": "m", "input": "x",
+                                                            "conversation": "conv_1"}).encode(),
+     "'conversation' is not supported"),
     ("responses-background", "/v1/responses", json.dumps({"model": "m", "input": "x", "background": True}).encode(),
      "'background' is not supported"),
     ("messages-no-max-tokens", "/v1/messages", json.dumps({"model": "m", "messages": MSGS}).encode(),
@@ -63,7 +66,11 @@ def test_bad_input_is_refused_and_nothing_is_forwarded(make_stack: MakeStack, pa
                                                        needle: str) -> None:
     s = make_stack(prefills=1)
     r = s.client.post(path, content=raw, headers={"content-type": "application/json"})
-    err = assert_openai_error(r, 400)
+    if path == "/v1/messages":  # Anthropic's error shape on its API
+        assert r.status_code == 400 and r.json()["type"] == "error"
+        err = r.json()["error"]
+    else:
+        err = assert_openai_error(r, 400)
     assert needle in err["message"] and err["type"] == "invalid_request_error"
     assert all(e.requests == [] for e in s.engines)
     assert s.complete(LONG_PROMPT).status_code == 200  # still serving

@@ -38,10 +38,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--only", metavar="NAMES",
                    help="start only these processes (comma-separated instance names, proxy, cache-server): "
                         "one launch per host when the topology spans several hosts")
-    p.add_argument("--restart", choices=["on-failure", "never"], default="on-failure",
-                   help="while serving, restart a process that exits (default: on-failure); never: stop the launch")
+    p.add_argument("--restart", choices=["always", "never"], default="always",
+                   help="while serving, restart a process that exits or hangs (default: always); never: stop the launch")
     p.add_argument("--max-restarts", type=_count, default=3, metavar="N",
-                   help="a process that exits more than N times within 10 minutes stops the launch (default: 3)")
+                   help="a process that ends more than N times within 10 minutes stops the launch (default: 3)")
+    p.add_argument("--hang-timeout", type=float, default=60.0, metavar="S",
+                   help="a serving process whose health endpoint has not answered for S seconds is killed "
+                        "and restarted (default: 60; 0: only exits count)")
     p.add_argument("--platform", choices=["auto", "cpu", "cuda"], default="auto",
                    help="engine environment: CPU core binding or CUDA devices (auto: from the installed vLLM)")
     p.set_defaults(func=run)
@@ -159,7 +162,7 @@ def _run(topo: Any, plan: list[Any], args: argparse.Namespace, key: bytes, conso
             run_demo(topo, key, console)
         if not args.demo or args.serve:
             console.print("serving; Ctrl-C stops every process")
-            why = runner.supervise(args.restart, args.max_restarts, args.timeout)
+            why = runner.supervise(args.restart, args.max_restarts, args.timeout, args.hang_timeout)
             console.print(f"[red]stopped:[/] {escape(why)}; see {escape(str(args.log_dir))}")
             return 1
         return 0

@@ -7,16 +7,19 @@ then starts the proxy. A process that exits early fails the launch with the tail
 log; ``stop`` sends SIGTERM to every group, waits, then SIGKILLs what is left. Nothing is
 found or killed by name: only the process ids this object started.
 
-While serving, ``supervise`` restarts a process that exits (policy ``on-failure``): what is
-left of its process group is killed first (a vLLM engine's core process outlives its API
-server), then it starts again with the same command after a back-off (1 s, doubling, at
-most 30 s), its log appended to. A process that exits more than ``max_restarts`` times
-within ``RESTART_WINDOW_S``, or is not ready again within the launch's timeout, stops the
-launch; so does any exit with policy ``never``.
+While serving, ``supervise`` restarts a process that exits (policy ``always``), and one that
+hangs: alive, but its health endpoint (``/live`` for the proxy, whose ``/health`` waits for
+a decode engine) has not answered for ``hang_s``. What is left of its process group is
+killed first (a vLLM engine's core process outlives its API server), then it starts again
+with the same command after a back-off (1 s, doubling, at most 30 s), its log appended to.
+A process that ends more than ``max_restarts`` times within ``RESTART_WINDOW_S``, or is not
+ready again within the launch's timeout, stops the launch; so does any end with policy
+``never``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,6 +41,7 @@ __all__ = ["LaunchFailed", "Proc", "Runner", "RESTART_WINDOW_S"]
 
 RESTART_WINDOW_S = 600.0
 _BACKOFF_MAX_S = 30.0
+_PROBE_S = 5.0  # how often a serving process's health endpoint is asked
 
 
 class LaunchFailed(RuntimeError):
@@ -54,8 +58,16 @@ class Proc:
     started: float = field(default_factory=time.monotonic)
     state: str = "pending"
     ready_after: float | None = None
-    exits: list[float] = field(default_factory=list)  # monotonic times it exited while serving
+    exits: list[float] = field(default_factory=list)  # monotonic times it ended while serving
     restart_at: float = 0.0
+    probed_at: float = 0.0
+    failing_since: float | None = None  # its health endpoint has not answered since then
+
+    @property
+    def live_url(self) -> str:
+        """Whether it is alive (the proxy's ``/health`` is about its engines)."""
+        base = self.spec.ready_url.rsplit("/", 1)[0]
+        return base + "/live" if self.spec.kind == "proxy" else self.spec.ready_url
 
     def tail(self, n: int = 30) -> str:
         try:
@@ -99,7 +111,9 @@ class Runner:
     def _write_pids(self) -> None:
         """``<log_dir>/pids.json``: every process this launch started (tests check them)."""
         pids = {p.spec.name: p.popen.pid for p in self.procs if p.popen is not None}
-        (self.log_dir / "pids.json").write_text(json.dumps(pids))
+        tmp = self.log_dir / "pids.json.tmp"
+        tmp.write_text(json.dumps(pids))
+        tmp.replace(self.log_dir / "pids.json")  # a reader never sees it half written
 
     def _wait(self, group: list[Proc], timeout: float, live: Live) -> None:
         deadline = time.monotonic() + timeout
@@ -135,23 +149,25 @@ class Runner:
                       escape(str(p.log_path)))
         return t
 
-    def supervise(self, policy: str, max_restarts: int, timeout: float, tick: float = 0.5) -> str:
-        """Serve until a process cannot be kept running; returns why (see the module doc)."""
+    def supervise(self, policy: str, max_restarts: int, timeout: float, hang_s: float = 60.0,
+                  tick: float = 0.5) -> str:
+        """Serve until a process cannot be kept running; returns why (see the module doc).
+        ``hang_s`` 0: a process is restarted only when it exits."""
         while True:
-            now = time.monotonic()
             for p in self.procs:
-                why = self._watch(p, now, policy, max_restarts, timeout)
+                why = self._watch(p, time.monotonic(), policy, max_restarts, timeout, hang_s)
                 if why is not None:
                     return why
             time.sleep(tick)
 
-    def _watch(self, p: Proc, now: float, policy: str, max_restarts: int, timeout: float) -> str | None:
+    def _watch(self, p: Proc, now: float, policy: str, max_restarts: int, timeout: float,
+               hang_s: float) -> str | None:
         if p.popen is None:
             return None
         if p.state == "backoff":
             if now >= p.restart_at:
                 self._spawn(p, append=True)
-                p.state = "restarting"
+                p.state, p.failing_since = "restarting", None
             return None
         code = p.popen.poll()
         if code is None:
@@ -161,14 +177,21 @@ class Runner:
                     self.console.print(f"{escape(p.spec.name)} is ready again after {p.ready_after:.0f}s")
                 elif now - p.started > timeout:
                     return f"{p.spec.name} was not ready again {timeout:g}s after its restart"
-            return None
-        _kill_group(p.popen.pid)  # what is left of it (a vLLM engine's core process)
+                return None
+            if not self._hung(p, now, hang_s):
+                return None
+            what = f"{p.spec.name} has not answered {p.live_url} for {now - (p.failing_since or now):.0f}s"
+            self.console.print(f"[yellow]{escape(what)}[/]: killing it")
+        else:
+            what = f"{p.spec.name} exited with code {code}"
+        _kill_group(p.popen.pid, self.console)  # what is left of it (a vLLM engine's core process)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.popen.wait(5)  # reaped (a hung one was killed just now)
         p.exits = [t for t in p.exits if now - t < RESTART_WINDOW_S] + [now]
-        what = f"{p.spec.name} exited with code {code}"
         if policy == "never":
             return what
         if len(p.exits) > max_restarts:
-            return (f"{what}: {len(p.exits)} exits within {RESTART_WINDOW_S / 60:g} minutes, "
+            return (f"{what}; it ended {len(p.exits)} times within {RESTART_WINDOW_S / 60:g} minutes, "
                     f"more than --max-restarts {max_restarts}")
         delay = min(_BACKOFF_MAX_S, 2.0 ** (len(p.exits) - 1))
         p.state, p.restart_at = "backoff", now + delay
@@ -176,6 +199,19 @@ class Runner:
                            f"(restart {len(p.exits)} of at most {max_restarts} within {RESTART_WINDOW_S / 60:g} minutes); "
                            f"log: {escape(str(p.log_path))}")
         return None
+
+    def _hung(self, p: Proc, now: float, hang_s: float) -> bool:
+        """Ask a serving process's health endpoint every ``_PROBE_S``; True once it has not
+        answered for ``hang_s``."""
+        if hang_s <= 0 or now - p.probed_at < _PROBE_S:
+            return False
+        p.probed_at = now
+        if _healthy(p.live_url):
+            p.failing_since = None
+            return False
+        if p.failing_since is None:
+            p.failing_since = now
+        return now - p.failing_since >= hang_s
 
     def alive(self) -> list[Proc]:
         return [p for p in self.procs if p.popen is not None and p.popen.poll() is None]
@@ -198,16 +234,30 @@ class Runner:
                 p.popen.wait(10)
 
 
-def _kill_group(pgid: int, wait: float = 5.0) -> None:
-    """SIGKILL a process group and wait (bounded) until none of it is left."""
+def _kill_group(pgid: int, console: Console, wait: float = 10.0) -> None:
+    """SIGKILL a process group and wait (bounded) until none of it is left running; says so
+    when some of it outlives the wait (a restart may then find its ports still taken)."""
     _signal_group(pgid, signal.SIGKILL)
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
+    while (left := _running_in_group(pgid)) and time.monotonic() < deadline:
         time.sleep(0.05)
+    if left:
+        console.print(f"[yellow]process group {pgid}: {left} still running {wait:g}s after SIGKILL[/]")
+
+
+def _running_in_group(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are not zombies (an orphan's zombie stays until its
+    new parent reaps it, and holds nothing)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            out.append(int(stat.parent.name))
+    return out
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -379,7 +379,7 @@ def _new_pid(logs: Path, name: str, old: int, timeout: float = 30) -> int:
 
 
 def test_a_process_that_dies_is_restarted_until_max_restarts(tmp_path: Path) -> None:
-    """--restart on-failure (the default): a killed proxy is started again (same port, log
+    """--restart always (the default): a killed proxy is started again (same port, log
     appended); its second death within the window is over --max-restarts 1: the launch
     stops, exit 1, saying why, with nothing left running."""
     topo = write_topology(tmp_path / "t.yaml", model={"path": str(tmp_path / "no-model-here"), "block_size": 32})
@@ -401,8 +401,30 @@ def test_a_process_that_dies_is_restarted_until_max_restarts(tmp_path: Path) -> 
     finally:
         _stop_launch(proc, ("--log-dir", str(logs)))
     out = err.read_text()
-    assert "stopped: proxy exited with code -9: 2 exits within 10 minutes, more than --max-restarts 1" in out, out[-3000:]
+    assert "stopped: proxy exited with code -9; it ended 2 times within 10 minutes, more than --max-restarts 1" in out, out[-3000:]
     assert int(json.loads((logs / "pids.json").read_text())["proxy"]) == second
+    assert_all_gone(logs)
+
+
+def test_a_hung_process_is_killed_and_restarted(tmp_path: Path) -> None:
+    """Alive but not answering (stopped with SIGSTOP, as a deadlock would leave it): after
+    --hang-timeout the launcher kills its group and starts it again."""
+    topo = write_topology(tmp_path / "t.yaml", model={"path": str(tmp_path / "no-model-here"), "block_size": 32})
+    port = yaml.safe_load(topo.read_text())["proxy"]["port"]
+    logs, err = tmp_path / "logs", tmp_path / "launch.err"
+    proc = _start_launch(topo, logs, err, "--only", "proxy", "--hang-timeout", "2")
+    try:
+        _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 120)
+        frozen = int(json.loads((logs / "pids.json").read_text())["proxy"])
+        os.kill(frozen, signal.SIGSTOP)
+        _wait_for_text(proc, err, "proxy is ready again", 60)
+        out = err.read_text()
+        assert f"proxy has not answered http://127.0.0.1:{port}/live for " in out and "killing it" in out, out
+        assert _new_pid(logs, "proxy", frozen) != frozen
+        assert not Path(f"/proc/{frozen}").exists() or Path(f"/proc/{frozen}/stat").read_text().split()[2] == "Z"
+    finally:
+        _stop_launch(proc, ("--log-dir", str(logs)))
+    assert proc.returncode == 0, err.read_text()[-3000:]
     assert_all_gone(logs)
 
 

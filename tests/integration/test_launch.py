@@ -363,6 +363,21 @@ def _start_launch(topo: Path, logs: Path, err: Path, *extra: str) -> subprocess.
                                 env={**os.environ, "COLUMNS": "200"})
 
 
+def _serve_proxy_only(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path, Path, int]:
+    """``launch --only proxy`` (no model, no engine) until it serves: (launch, log dir, its
+    output file, the proxy's port). The caller stops it (``_stop_launch``)."""
+    topo = write_topology(tmp_path / "t.yaml", model={"path": str(tmp_path / "no-model-here"), "block_size": 32})
+    port = yaml.safe_load(topo.read_text())["proxy"]["port"]
+    logs, err = tmp_path / "logs", tmp_path / "launch.err"
+    proc = _start_launch(topo, logs, err, "--only", "proxy", *extra)
+    try:
+        _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 120)
+    except BaseException:
+        _stop_launch(proc, ("--log-dir", str(logs)))
+        raise
+    return proc, logs, err, port
+
+
 def _kill_process(logs: Path, name: str) -> int:
     """SIGKILL the whole process group of ``name`` (as a crash would end it); its pid."""
     pid = int(json.loads((logs / "pids.json").read_text())[name])
@@ -382,12 +397,8 @@ def test_a_process_that_dies_is_restarted_until_max_restarts(tmp_path: Path) -> 
     """--restart always (the default): a killed proxy is started again (same port, log
     appended); its second death within the window is over --max-restarts 1: the launch
     stops, exit 1, saying why, with nothing left running."""
-    topo = write_topology(tmp_path / "t.yaml", model={"path": str(tmp_path / "no-model-here"), "block_size": 32})
-    port = yaml.safe_load(topo.read_text())["proxy"]["port"]
-    logs, err = tmp_path / "logs", tmp_path / "launch.err"
-    proc = _start_launch(topo, logs, err, "--only", "proxy", "--max-restarts", "1")
+    proc, logs, err, port = _serve_proxy_only(tmp_path, "--max-restarts", "1")
     try:
-        _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 120)
         first = _kill_process(logs, "proxy")
         _wait_for_text(proc, err, "proxy is ready again", 60)
         second = _new_pid(logs, "proxy", first)
@@ -409,12 +420,8 @@ def test_a_process_that_dies_is_restarted_until_max_restarts(tmp_path: Path) -> 
 def test_a_hung_process_is_killed_and_restarted(tmp_path: Path) -> None:
     """Alive but not answering (stopped with SIGSTOP, as a deadlock would leave it): after
     --hang-timeout the launcher kills its group and starts it again."""
-    topo = write_topology(tmp_path / "t.yaml", model={"path": str(tmp_path / "no-model-here"), "block_size": 32})
-    port = yaml.safe_load(topo.read_text())["proxy"]["port"]
-    logs, err = tmp_path / "logs", tmp_path / "launch.err"
-    proc = _start_launch(topo, logs, err, "--only", "proxy", "--hang-timeout", "2")
+    proc, logs, err, port = _serve_proxy_only(tmp_path, "--hang-timeout", "2")
     try:
-        _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 120)
         frozen = int(json.loads((logs / "pids.json").read_text())["proxy"])
         os.kill(frozen, signal.SIGSTOP)
         _wait_for_text(proc, err, "proxy is ready again", 60)
@@ -429,11 +436,8 @@ def test_a_hung_process_is_killed_and_restarted(tmp_path: Path) -> None:
 
 
 def test_restart_never_stops_the_launch_at_the_first_death(tmp_path: Path) -> None:
-    topo = write_topology(tmp_path / "t.yaml", model={"path": str(tmp_path / "no-model-here"), "block_size": 32})
-    logs, err = tmp_path / "logs", tmp_path / "launch.err"
-    proc = _start_launch(topo, logs, err, "--only", "proxy", "--restart", "never")
+    proc, logs, err, _ = _serve_proxy_only(tmp_path, "--restart", "never")
     try:
-        _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 120)
         _kill_process(logs, "proxy")
         assert proc.wait(60) == 1
     finally:

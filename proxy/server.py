@@ -2,7 +2,8 @@
 and a decode engine (aiohttp on uvloop).
 
 Endpoints: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses`` and the Anthropic
-``/v1/messages`` (streaming passed through chunk by chunk, or not), ``/v1/models``, ``/health`` (200 once a decode engine is healthy, else 503),
+``/v1/messages`` (streaming passed through chunk by chunk, or not), ``/v1/models``,
+``/v1/messages/count_tokens``, ``/tokenize`` and ``/detokenize`` (answered by one engine), ``/health`` (200 once a decode engine is healthy, else 503),
 ``/live`` (200 while the proxy serves HTTP), ``/metrics`` and the admin API
 ``/admin/instances`` (GET list, POST add), ``/admin/instances/{name}/drain`` (POST) and
 ``/admin/instances/{name}`` (DELETE).
@@ -107,6 +108,8 @@ class Proxy:
         r.add_post("/v1/chat/completions", self._chat)
         r.add_post("/v1/responses", self._responses)
         r.add_post("/v1/messages", self._messages)
+        for path in _ONE_ENGINE:
+            r.add_post(path, self._one_engine)
         r.add_get("/v1/models", self._models)
         r.add_get("/health", self._health)
         r.add_get("/live", self._live)
@@ -148,7 +151,7 @@ class Proxy:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
-            if request.path.startswith(("/v1/", "/admin/")):
+            if request.path.startswith(("/v1/", "/admin/")) or request.path in _ONE_ENGINE:
                 self._check_key(request)
             return await handler(request)
         except HTTPProblem as p:
@@ -177,6 +180,23 @@ class Proxy:
 
     async def _live(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def _one_engine(self, request: web.Request) -> web.Response:
+        """Requests that compute nothing worth disaggregating (token counts, tokenization):
+        answered by one engine, a decode engine first, the next one tried if it fails to answer."""
+        raw = await request.read()
+        engines = sorted(self.registry.decodes(), key=lambda i: i.in_flight) + self.registry.prefills()
+        why = "no healthy instance"
+        for inst in dict.fromkeys(engines):  # a "both" instance is listed twice
+            try:
+                async with self.upstream.session.post(inst.url + request.path, data=raw,
+                                                      headers={"content-type": "application/json"}) as resp:
+                    body = await resp.read()
+                    ctype = resp.headers.get("content-type", "application/json")
+                    return web.Response(body=body, status=resp.status, headers={"content-type": ctype})
+            except Exception as e:  # unreachable or cut: the next engine
+                why = f"{inst.name}: {e!r}"
+        raise HTTPProblem(503, f"no instance could answer {request.path} ({why})", "service_unavailable")
 
     async def _models(self, _: web.Request) -> web.Response:
         name = self.settings.model
@@ -306,6 +326,10 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise HTTPProblem(400, f"expected a JSON object, got {type(body).__name__}")
     return body
+
+
+# answered by one engine as they are (nothing to disaggregate)
+_ONE_ENGINE = ("/v1/messages/count_tokens", "/tokenize", "/detokenize")
 
 
 def _anthropic(request: web.Request) -> bool:

@@ -85,6 +85,20 @@ def test_oversized_body_is_413(make_stack: MakeStack) -> None:
     assert s.complete("x" * 1000).status_code == 200
 
 
+def test_tokenize_is_answered_by_one_engine_the_next_if_one_is_down(make_stack: MakeStack) -> None:
+    s = make_stack(prefills=1, api_keys=("sk-test",))
+    body = {"model": "m", "prompt": "hello there"}
+    assert_openai_error(s.client.post("/tokenize", json=body), 401)  # the proxy's keys guard it too
+    auth = {"Authorization": "Bearer sk-test"}
+    r = s.client.post("/tokenize", json=body, headers=auth)
+    assert r.status_code == 200 and r.json()["count"] == len(r.json()["tokens"]) >= 1
+    assert len(s.decodes[0].tokenized) == 1 and s.prefills[0].tokenized == []  # a decode engine first
+    s.stop_engine(s.decodes[0])
+    r = s.client.post("/tokenize", json=body, headers=auth)
+    assert r.status_code == 200 and len(s.prefills[0].tokenized) == 1  # down: the next engine
+    assert all(e.requests == [] for e in s.engines)  # nothing was paired
+
+
 def test_unknown_path_and_wrong_method_are_openai_errors(make_stack: MakeStack) -> None:
     s = make_stack(prefills=1)
     assert_openai_error(s.client.post("/v1/embeddings", json={"model": "m"}), 404)

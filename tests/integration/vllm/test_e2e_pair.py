@@ -314,7 +314,9 @@ def test_messages_api_through_the_proxy(pair: FabricPair, proxy_url: str) -> Non
         want = direct.messages.create(messages=messages, **ask)  # type: ignore[arg-type]
         got = client.messages.create(messages=messages, **ask)  # type: ignore[arg-type]
         events = list(client.messages.create(messages=streamed, stream=True, **ask))  # type: ignore[arg-type]
+        counted = client.messages.count_tokens(model="tiny-llama", system="answer briefly", messages=messages)  # type: ignore[arg-type]
     assert [b.text for b in got.content] == [b.text for b in want.content]  # type: ignore[union-attr]
+    assert counted.input_tokens == want.usage.input_tokens  # answered by one engine, not paired
     assert events[-1].type == "message_stop"
     want_ext = want.usage.input_tokens - 1 + next(e.message.usage.input_tokens for e in events  # type: ignore[union-attr]
                                                    if e.type == "message_start") - 1

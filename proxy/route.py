@@ -17,7 +17,8 @@ Rules:
    Nothing is sent twice to an engine that answered: only legs that failed are retried.
 6. A stream that breaks after bytes reached the client ends with an SSE error event and no
    ``[DONE]`` (counted in ``streams_broken``), never a silent truncation. On ``/v1/messages``
-   it is Anthropic's ``event: error`` (its clients skip events they do not know).
+   it is Anthropic's ``event: error`` (its clients skip events they do not know); on
+   ``/v1/responses`` the Responses API's ``event: error`` (with ``error`` too).
 7. With a cache server, the shared KV cache is asked first (``cache_view.py``): a prompt it
    holds all but a short rest of goes to a decode engine alone (``decode_alone_cached``),
    its exact token count replaces the estimate, and ``x-pdfabric-cached-tokens`` tells the
@@ -306,11 +307,17 @@ async def _stream_broken(proxy: "Proxy", out: web.StreamResponse, opened: Opened
     if opened.prefill is not None:
         opened.prefill.cancel()
     message = f"decode instance {name} {why}; the answer is incomplete"
+    error = {"message": message, "type": "upstream_error", "code": 502}
     if path == MESSAGES:
         event = b"event: error\ndata: " + encode_json({"type": "error", "error": {"type": "api_error",
                                                                               "message": message}})
+    elif path == RESPONSES:
+        # the Responses API's error event (typed clients read type/code/message); "error" as
+        # well, which the openai python client raises on
+        event = b"event: error\ndata: " + encode_json({"type": "error", "code": "upstream_error", "message": message,
+                                                       "param": None, "error": error})
     else:
-        event = b"data: " + encode_json({"error": {"message": message, "type": "upstream_error", "code": 502}})
+        event = b"data: " + encode_json({"error": error})
     with contextlib.suppress(ConnectionError, RuntimeError):  # the client may be gone as well
         await out.write(event + b"\n\n")
         await out.write_eof()

@@ -3,6 +3,7 @@ hanging engines, health checks, and clients that hang up (route.py Rules 1-4).""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -185,8 +186,9 @@ def test_decode_engine_cutting_the_stream_ends_it_with_an_error_event(make_stack
 
 
 def test_cut_streams_of_the_responses_and_messages_apis_raise_in_their_clients(make_stack: MakeStack) -> None:
-    """Rule 6 in each API's own terms: the openai client raises on the error data of a
-    Responses stream, and the anthropic client on an ``event: error`` (it skips unnamed ones)."""
+    """Rule 6 in each API's own terms: a Responses stream ends with the Responses ``error``
+    event (the openai client raises on it), a Messages stream with Anthropic's ``event:
+    error`` (its client skips unnamed events, so a data-only one would be a silent end)."""
     import anthropic
 
     s = make_stack(prefills=1, engine={"tokens": 10})
@@ -196,6 +198,11 @@ def test_cut_streams_of_the_responses_and_messages_apis_raise_in_their_clients(m
         raw = "".join(r.iter_text())
     assert raw.count("event: content_block_delta") == 3 and "message_stop" not in raw
     assert raw.rstrip().splitlines()[-2:][0] == "event: error" and "incomplete" in raw.splitlines()[-2]
+    with s.client.stream("POST", "/v1/responses", json={"model": "m", "input": "x", "stream": True}) as r:
+        lines = "".join(r.iter_text()).rstrip().splitlines()
+    assert lines[-2] == "event: error" and "response.completed" not in "".join(lines)
+    last = json.loads(lines[-1][len("data: "):])
+    assert last["type"] == "error" and last["code"] == "upstream_error" and "incomplete" in last["message"]
     with openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0) as client:
         with pytest.raises(openai.APIError, match="incomplete"):
             for _ in client.responses.create(model="m", input="x", stream=True):
@@ -204,7 +211,7 @@ def test_cut_streams_of_the_responses_and_messages_apis_raise_in_their_clients(m
         with pytest.raises(anthropic.APIStatusError, match="incomplete"):
             for _ in ac.messages.create(model="m", max_tokens=10, stream=True, messages=[{"role": "user", "content": "x"}]):
                 pass
-    assert s.metrics()["pdfabric_proxy_streams_broken_total"] == 3
+    assert s.metrics()["pdfabric_proxy_streams_broken_total"] == 4
     s.decodes[0].faults.cut_after = None
     wait_until(lambda: s.instance("d0")["in_flight"] == 0, what="decode load back")
 

@@ -15,6 +15,7 @@ SIGTERM stops everything, by process id. Exit codes: 0 ok, 1 a process or check 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         run_file.parent.mkdir(parents=True, exist_ok=True)
         run_file.write_bytes(file.read_bytes())
     key = (topo.shared_secret() or secret or "").encode()
-    return _run(topo, plan, args, key, console)
+    return _run(topo, plan, args, key, console, run_file, secret)
 
 
 def _select(plan: list[Any], only: set[str]) -> list[Any]:
@@ -141,7 +142,8 @@ def _model_dir(topo: Any, dry_run: bool) -> Path:
     return resolve_model(topo)
 
 
-def _run(topo: Any, plan: list[Any], args: argparse.Namespace, key: bytes, console: Any) -> int:
+def _run(topo: Any, plan: list[Any], args: argparse.Namespace, key: bytes, console: Any, run_file: Path,
+         secret: str | None) -> int:
     from rich.markup import escape
 
     from pdfabric.launch.checks import endpoints_table, post_start_checks, wait_for_instances
@@ -150,6 +152,7 @@ def _run(topo: Any, plan: list[Any], args: argparse.Namespace, key: bytes, conso
     runner = Runner(plan, args.log_dir, console)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        _record_launch(args.log_dir, topo, run_file, secret, {spec.name for spec in plan})
         runner.start(args.timeout)
         here = {spec.name for spec in plan}
         post_start_checks(topo, key, console, here)
@@ -177,10 +180,38 @@ def _run(topo: Any, plan: list[Any], args: argparse.Namespace, key: bytes, conso
         return 0
     finally:
         runner.stop()
+        _forget_launch(args.log_dir)
         signal.signal(signal.SIGTERM, previous)
         left = runner.alive()
         if left:  # never expected: stop() waits for every process
             console.print(f"[red]still running:[/] {[p.popen.pid for p in left if p.popen]}")
+
+
+LAUNCH_RECORD, LAUNCH_SECRET_FILE = "launch.json", "launch-secret"
+
+
+def _record_launch(log_dir: Path, topo: Any, run_file: Path, secret: str | None, here: set[str]) -> None:
+    """``<log-dir>/launch.json``: what ``pdfabric status`` needs to find this launch (the
+    topology it runs, its proxy's URL), and ``launch-secret`` (mode 0600) when the engines
+    got a per-launch secret, so that status can ask their connectors. Both go when it ends."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    secret_file = None
+    if secret is not None and here & {i.name for i in topo.instances}:
+        path = log_dir / LAUNCH_SECRET_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret)
+        secret_file = str(path.resolve())
+    host = topo.proxy.host if topo.proxy.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    record = {"topology": str(run_file.resolve()), "proxy": f"http://{host}:{topo.proxy.port}",
+              "secret_file": secret_file, "pid": os.getpid()}
+    (log_dir / LAUNCH_RECORD).write_text(json.dumps(record, indent=1))
+
+
+def _forget_launch(log_dir: Path) -> None:
+    for name in (LAUNCH_RECORD, LAUNCH_SECRET_FILE):
+        (log_dir / name).unlink(missing_ok=True)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

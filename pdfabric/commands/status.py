@@ -3,8 +3,10 @@
 Asks the proxy (``/admin/instances``, ``/metrics``) for its instances, their health and
 in-flight load, and - with ``--topology FILE`` whose ``secret`` is set - each engine's
 connector for its transfers (received bytes, recent transfer GB/s, recomputes, held
-blocks; every connector counter is in ``--json``). Exit 0, 1 when the proxy cannot be
-reached, 2 when the topology file is unusable.
+blocks; every connector counter is in ``--json``). Without a proxy URL or ``--topology``,
+a launch running with ``--log-dir DIR`` (default ``pdfabric-logs``) is found from its
+``launch.json``: its topology, its proxy and, for engines it gave a per-launch secret, that
+secret. Exit 0, 1 when the proxy cannot be reached, 2 when the topology file is unusable.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 __all__ = ["register", "run"]
@@ -23,8 +26,12 @@ __all__ = ["register", "run"]
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("status", help="instances, health, load and transfers of a running deployment",
                               description="Show what a running pdfabric deployment is doing.")
-    p.add_argument("proxy", nargs="?", default="http://127.0.0.1:8000", help="the proxy's base URL (default: http://127.0.0.1:8000)")
+    p.add_argument("proxy", nargs="?", default=None,
+                   help="the proxy's base URL (default: the running launch's, else http://127.0.0.1:8000)")
     p.add_argument("--topology", metavar="FILE", help="also ask each engine's connector (needs the topology's secret)")
+    p.add_argument("--log-dir", type=Path, default=Path("pdfabric-logs"),
+                   help="where a running `pdfabric launch` keeps its logs (default: pdfabric-logs): without "
+                        "--topology, its topology, proxy and per-launch secret are used")
     p.add_argument("--api-key", help="the proxy's API key, if it has one")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=run)
@@ -36,11 +43,20 @@ def _get(url: str, key: str | None) -> bytes:
         return r.read()
 
 
-def _connectors(topo: Any, topology: str) -> tuple[dict[str, dict[str, Any]], str | None]:
+def _launch_record(log_dir: Path) -> dict[str, Any]:
+    """A running launch's ``launch.json`` (``pdfabric.commands.launch``), or {}."""
+    try:
+        record = json.loads((log_dir / "launch.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _connectors(topo: Any, topology: str, launch_secret: str | None = None) -> tuple[dict[str, dict[str, Any]], str | None]:
     """(each engine's connector status or error, a note when a missing secret is the likely cause)."""
     from pdfabric.connector.control import query_status
 
-    secret = topo.shared_secret()
+    secret = topo.shared_secret() or launch_secret
     key = (secret or "").encode()  # engines started without any secret answer an empty key
     out: dict[str, dict[str, Any]] = {}
     for i in topo.instances:
@@ -61,17 +77,24 @@ def _connectors(topo: Any, topology: str) -> tuple[dict[str, dict[str, Any]], st
 
 
 def run(args: argparse.Namespace) -> int:
-    topo = None
-    if args.topology:  # bad input first: exit 2 whether or not the proxy is up
+    topo, launch_secret = None, None
+    record = _launch_record(args.log_dir) if args.topology is None and args.proxy is None else {}
+    topology = args.topology or record.get("topology")
+    if record.get("secret_file"):
+        try:
+            launch_secret = Path(record["secret_file"]).read_text().strip()
+        except OSError:  # the launch ended meanwhile
+            launch_secret = None
+    if topology:  # bad input first: exit 2 whether or not the proxy is up
         from pdfabric.config import load_topology
         from pdfabric.errors import ConfigError
 
         try:
-            topo = load_topology(args.topology, check_secrets=True)
+            topo = load_topology(topology, check_secrets=True)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    base = args.proxy.rstrip("/")
+    base = (args.proxy or record.get("proxy") or "http://127.0.0.1:8000").rstrip("/")
     try:
         instances = json.loads(_get(base + "/admin/instances", args.api_key))["instances"]
         metrics = _get(base + "/metrics", args.api_key).decode()
@@ -81,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     conn: dict[str, dict[str, Any]] = {}
     note = None
     if topo is not None:
-        conn, note = _connectors(topo, args.topology)
+        conn, note = _connectors(topo, topology, launch_secret)
     if args.json:
         doc: dict[str, Any] = {"instances": instances, "connectors": conn, "metrics": metrics}
         if note:
@@ -107,7 +130,8 @@ def _print(instances: list[dict[str, Any]], metrics: str, conn: dict[str, dict[s
         gbps = c.get("recent_gbps")
         t.add_row(escape(i["name"]), escape(i["role"]), escape(i["url"]), escape(health), str(i["in_flight"]), str(i["served"]),
                   f"{k.get('received_bytes', 0) / 2**20:.1f} MiB" if k else "-",
-                  "-" if gbps is None else f"{gbps:.2f}", str(k.get("recomputes", "-")), str(k.get("held_requests", "-")))
+                  "-" if gbps is None else f"{gbps:.2f}",
+                  str(k.get("recomputes", 0)) if k and i["role"] != "prefill" else "-", str(k.get("held_requests", "-")))
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 160  # piped: do not squeeze the table to 80 columns

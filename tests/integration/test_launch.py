@@ -452,19 +452,20 @@ def test_crashed_engines_are_restarted_and_serve_transfers_again(tmp_path: Path)
     """A prefill engine, then a decode engine, killed as a crash would (the whole group):
     each is restarted with its ports and comes back; the next request through the proxy is
     disaggregated again and the new decode engine takes the prompt from a transfer (the
-    peers of the dead engine's incarnation are refused as stale and fetched again)."""
-    from pdfabric.connector.control import query_status
+    peers of the dead engine's incarnation are refused as stale and fetched again).
+    The topology names no secret: ``pdfabric status --log-dir`` finds the launch and its
+    per-launch secret (restarted engines get the same one) and reads the connectors."""
     from pdfabric.testing.fabric import make_prompt
 
-    secret = tmp_path / "secret"
-    secret.write_text(os.urandom(16).hex())
-    topo = write_topology(tmp_path / "t.yaml", secret={"file": str(secret)})
+    topo = write_topology(tmp_path / "t.yaml")
     data = yaml.safe_load(topo.read_text())
-    proxy, decode = f"http://127.0.0.1:{data['proxy']['port']}", data["instances"][1]
+    proxy = f"http://127.0.0.1:{data['proxy']['port']}"
     logs, err = tmp_path / "logs", tmp_path / "launch.err"
     proc = _start_launch(topo, logs, err)
     try:
         _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 700)
+        assert (logs / "launch-secret").stat().st_mode & 0o777 == 0o600
+        assert json.loads((logs / "launch.json").read_text())["proxy"] == proxy
         for n, name in enumerate(("prefill-0", "decode-0")):
             _new_pid(logs, name, _kill_process(logs, name), timeout=30)
             _wait_for_text(proc, err, f"{name} is ready again", 300)
@@ -475,12 +476,16 @@ def test_crashed_engines_are_restarted_and_serve_transfers_again(tmp_path: Path)
             with urllib.request.urlopen(req, timeout=120) as resp:
                 assert resp.headers["x-pdfabric-prefill"] == "prefill-0"
                 assert json.loads(resp.read())["usage"]["prompt_tokens"] == 300
-            counters = query_status(f"127.0.0.1:{decode['control_port']}", secret.read_text().encode()).counters
+            st = subprocess.run([sys.executable, "-m", "pdfabric.cli", "status", "--log-dir", str(logs), "--json"],
+                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+            assert st.returncode == 0, st.stderr
+            counters = json.loads(st.stdout)["connectors"]["decode-0"]["counters"]
             assert counters.get("received", 0) >= 1 and counters.get("recomputes", 0) == 0, counters
     finally:
         _stop_launch(proc, ("--log-dir", str(logs)))
     assert proc.returncode == 0, err.read_text()[-3000:]
     assert_all_gone(logs)
+    assert not (logs / "launch.json").exists() and not (logs / "launch-secret").exists()
 
 
 def _wait_healthy_in_proxy(proxy: str, timeout: float) -> None:

@@ -82,3 +82,23 @@ def test_status_with_an_unusable_topology_exits_2_without_a_traceback(
     unset = status(url, "--topology", _topology(tmp_path, "secret: {env: PDFABRIC_STATUS_UNSET_SECRET}\n"))
     assert unset.returncode == 2 and "PDFABRIC_STATUS_UNSET_SECRET" in unset.stderr
     assert "Traceback" not in unset.stderr
+
+
+def test_status_finds_a_running_launch_from_its_log_dir(make_stack: Callable[..., Stack], tmp_path) -> None:
+    """No URL, no --topology: the launch's launch.json names its proxy and topology (and
+    the per-launch secret's file); a log dir without one means the default URL."""
+    s = make_stack(prefills=1, decodes=1)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    secret = logs / "launch-secret"
+    secret.write_text("per-launch")
+    (logs / "launch.json").write_text(json.dumps({"topology": _topology(tmp_path), "proxy": s.url,
+                                                  "secret_file": str(secret)}))
+    r = status("--log-dir", str(logs), "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert {i["name"] for i in data["instances"]} == {"p0", "d0"}  # the fake stack's proxy
+    assert set(data["connectors"]) == {"prefill-0", "decode-0"}  # the topology's engines were asked
+    assert "connectors_note" not in data  # a secret was at hand: no "names no secret" advice
+    gone = status("--log-dir", str(tmp_path / "no-launch-here"))
+    assert gone.returncode == 1 and "http://127.0.0.1:8000" in gone.stderr

@@ -44,10 +44,12 @@ def _get(url: str, key: str | None) -> bytes:
 
 
 def _launch_record(log_dir: Path) -> dict[str, Any]:
-    """A running launch's ``launch.json`` (``pdfabric.commands.launch``), or {}."""
+    """A running launch's ``launch.json`` (``pdfabric.commands.launch``), or {} (none, or
+    one left by a launch that was killed: its process is gone)."""
     try:
         record = json.loads((log_dir / "launch.json").read_text())
-    except (OSError, ValueError):
+        os.kill(int(record["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
         return {}
     return record if isinstance(record, dict) else {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Callable
@@ -92,8 +93,8 @@ def test_status_finds_a_running_launch_from_its_log_dir(make_stack: Callable[...
     logs.mkdir()
     secret = logs / "launch-secret"
     secret.write_text("per-launch")
-    (logs / "launch.json").write_text(json.dumps({"topology": _topology(tmp_path), "proxy": s.url,
-                                                  "secret_file": str(secret)}))
+    record = {"topology": _topology(tmp_path), "proxy": s.url, "secret_file": str(secret), "pid": os.getpid()}
+    (logs / "launch.json").write_text(json.dumps(record))
     r = status("--log-dir", str(logs), "--json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
@@ -102,3 +103,7 @@ def test_status_finds_a_running_launch_from_its_log_dir(make_stack: Callable[...
     assert "connectors_note" not in data  # a secret was at hand: no "names no secret" advice
     gone = status("--log-dir", str(tmp_path / "no-launch-here"))
     assert gone.returncode == 1 and "http://127.0.0.1:8000" in gone.stderr
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (logs / "launch.json").write_text(json.dumps({**record, "pid": int(dead.stdout)}))  # a launch killed
+    stale = status("--log-dir", str(logs))
+    assert stale.returncode == 1 and "http://127.0.0.1:8000" in stale.stderr  # its record is not used

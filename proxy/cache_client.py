@@ -59,21 +59,41 @@ class LookupClient:
             return None
         try:
             async with asyncio.timeout_at(deadline):
-                await self._ready(chunk_bytes)
-                reply = await self._ask(lambda seq: wire.Lookup(seq, list(keys), False))
-                if isinstance(reply, wire.Refused) and reply.reason.startswith(wire.HELLO_FIRST):
-                    # a new server on this port (it restarted): greet it and ask again
-                    self.counters["reconnects"] += 1
-                    self._drop()
-                    await self._ready(chunk_bytes)
-                    reply = await self._ask(lambda seq: wire.Lookup(seq, list(keys), False))
+                reply = await self._lookup(keys, chunk_bytes)
         except (TimeoutError, OSError, zmq.ZMQError) as e:
             self._failed("no answer in time" if isinstance(e, TimeoutError) else repr(e))
+            return None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this request was cancelled (its client went away)
+            self._failed("the connection was dropped under this lookup")  # not ours: a miss
             return None
         if isinstance(reply, wire.Count):
             return reply.n
         self._failed(f"refused: {reply.reason}" if isinstance(reply, wire.Refused) else f"answered {reply!r}")
         return None
+
+    async def _lookup(self, keys: Sequence[bytes], chunk_bytes: int) -> wire.Reply:
+        """One lookup, asked again once on a new connection when the server restarted: it
+        refuses a connection it never greeted, or another lookup reconnected under this one.
+        Lookups refused together drop the old connection once, not each other's new one."""
+        for again in (False, True):
+            await self._ready(chunk_bytes)
+            sock = self._sock
+            try:
+                reply = await self._ask(lambda seq: wire.Lookup(seq, list(keys), False))
+            except ConnectionResetError:
+                if not again and self._sock is not sock:
+                    continue
+                raise
+            if not again and isinstance(reply, wire.Refused) and reply.reason.startswith(wire.HELLO_FIRST):
+                if self._sock is sock:
+                    self.counters["reconnects"] += 1
+                    self._drop()
+                continue
+            return reply
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         self._drop()

@@ -113,6 +113,7 @@ class RemoteCacheClient:
         self._map: mmap.mmap | None = None
         self._arena: memoryview | None = None
         self._down_until = 0.0
+        self._gen = 0  # bumped on every new connection: a lease belongs to the one it came on
 
     # -- connection ----------------------------------------------------------------------
     def _socket(self) -> zmq.Socket[bytes]:
@@ -137,6 +138,7 @@ class RemoteCacheClient:
         return self._sock
 
     def _attach(self, ok: wire.HelloOk) -> None:
+        self._gen += 1
         fd = os.open(ok.shm_path, os.O_RDWR)
         try:
             self._map = mmap.mmap(fd, ok.arena_bytes)
@@ -178,16 +180,21 @@ class RemoteCacheClient:
             self.counters["late_replies"] += 1
         raise TimeoutError(f"no answer from the cache server {self.address} within {self.timeout_s}s")
 
-    def _call(self, make: Callable[[int], wire.Request], what: str) -> wire.Reply | None:
-        """One exchange; ``None`` when the server is down, slow or refuses (counted, logged)."""
+    def _call(self, make: Callable[[int], wire.Request], what: str, gen: int | None = None) -> wire.Reply | None:
+        """One exchange; ``None`` when the server is down, slow or refuses (counted, logged).
+        ``gen``: the connection a lease came on; on another one (the server restarted since)
+        its end is not sent (lease numbers start anew there: it would end someone else's)."""
         with self._lock:
+            if gen is not None and gen != self._gen:
+                self.counters["stale_leases"] += 1
+                return None
             if time.monotonic() < self._down_until:
                 self.counters["skipped_while_down"] += 1
                 return None
             try:
                 self._socket()
                 reply = self._ask(make(next(self._seq)))
-                if isinstance(reply, wire.Refused) and reply.reason.startswith(wire.HELLO_FIRST):
+                if gen is None and isinstance(reply, wire.Refused) and reply.reason.startswith(wire.HELLO_FIRST):
                     # a new server on this port (it restarted): greet it, map its arena, ask again
                     self.counters["reconnects"] += 1
                     self._drop()
@@ -224,10 +231,16 @@ class RemoteCacheClient:
         none: list[memoryview | None] = [None] * len(keys)
         if not keys:
             return Pinned(none, None)
-        reply = self._call(lambda seq: kind(seq, list(keys)), what)
+        got: list[tuple[memoryview | None, int]] = []
+
+        def ask(seq: int) -> wire.Request:
+            got.append((self._arena, self._gen))  # the connection the answer comes on (under the lock)
+            return kind(seq, list(keys))
+
+        reply = self._call(ask, what)
         if not isinstance(reply, wire.Leased) or reply.lease == 0:
             return Pinned(none, None)
-        arena, n = self._arena, self.chunk_bytes
+        (arena, gen), n = got[-1], self.chunk_bytes
         assert arena is not None
         views: list[memoryview | None] = []
         for off in reply.offsets:
@@ -241,7 +254,7 @@ class RemoteCacheClient:
         def done(commit: bool) -> None:
             msg: Callable[[int], wire.Request] = (
                 (lambda seq: wire.Release(seq, lease)) if read else (lambda seq: wire.Commit(seq, lease, commit)))
-            self._call(msg, "release" if read else "commit")
+            self._call(msg, "release" if read else "commit", gen)
 
         return Pinned(views, done)
 

@@ -113,7 +113,7 @@ class CacheService:
         # (fingerprint, chunk_tokens) of unsalted clients, most recent first; replaced whole,
         # so the HTTP thread reads it without the lock
         self._keyings: tuple[tuple[str, int], ...] = ()
-        self._next_lease = 1
+        self._next_lease = int.from_bytes(os.urandom(6), "big") + 1  # not 1 again after a restart
         self._lock = threading.Lock()  # the ZMQ thread vs the HTTP admin calls
         self._ctx = zmq.Context()
         self._sock: zmq.Socket[bytes] | None = None
@@ -280,9 +280,10 @@ class CacheService:
             offsets = [-1 if b is None else self.arena.offset(b) for b in lease.buffers]
             return wire.Leased(seq, self._keep("write", lease, ident), offsets)
         if isinstance(msg, (wire.Release, wire.Commit)):
-            held = self._leases.pop(msg.lease, None)
-            if held is None:
+            held = self._leases.get(msg.lease)
+            if held is None or held.client != ident:  # only the connection it was given to ends it
                 return wire.Refused(seq, f"lease {msg.lease} is not open (expired after {self.lease_ttl_s}s?)")
+            del self._leases[msg.lease]
             n = self._end(held, commit=isinstance(msg, wire.Commit) and msg.ok)
             return wire.Done(seq, n)
         if isinstance(msg, wire.Stats):

@@ -6,9 +6,11 @@ server that is down or does not know the keying changes nothing but a counter.""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -213,6 +215,39 @@ def test_a_restarted_cache_server_is_greeted_again_by_the_next_lookup(make_stack
     assert s.proxy.cache is not None
     counters = s.proxy.cache.client.counters
     assert counters["reconnects"] == 1 and counters["skipped_while_down"] == 0
+
+
+def test_lookups_in_flight_when_the_server_restarted_all_get_answers() -> None:
+    """Twenty lookups at once on a connection the new server never greeted: one reconnect,
+    and every lookup answered (none drops the connection another just opened)."""
+    from pdfabric.proxy.cache_client import LookupClient
+
+    prompt = ids(7000, 2 * CT + 1)
+    keys = ChunkKeyer.create(FP, CT).keys(prompt[:-1])
+    srv = CacheServerProcess(memory="16MiB").start()
+
+    async def run(client: LookupClient, n: int) -> list[int | None]:
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(client.lookup(keys, CHUNK_BYTES, loop.time() + 5) for _ in range(n))))
+
+    async def scenario() -> tuple[list[int | None], list[int | None], Counter[str]]:
+        client = LookupClient(srv.address)
+        try:
+            before = await run(client, 1)
+            srv.stop()
+            with CacheServerProcess(srv.port, http_port=srv.http_port, memory="16MiB") as again:
+                fill(again, prompt)
+                after = await run(client, 20)
+            return before, after, client.counters
+        finally:
+            await client.close()
+
+    try:
+        before, after, counters = asyncio.run(scenario())
+    finally:
+        srv.stop()
+    assert before == [0] and after == [2] * 20
+    assert counters["reconnects"] == 1 and counters["errors"] == 0, counters
 
 
 def test_no_keying_yet_means_no_lookups(make_stack: MakeStack) -> None:

@@ -241,6 +241,38 @@ def test_a_client_idle_through_a_restart_greets_the_new_server_before_writing(tm
         s.stop()
 
 
+def test_a_lease_from_before_a_restart_never_ends_another_clients_lease(tmp_path: Path) -> None:
+    """Lease numbers of a new server start anew: the end of a lease taken from the old one
+    is not sent (it could commit another client's unwritten room), and the server ends a
+    lease only for the connection it gave it to."""
+    s = Server(tmp_path).start()
+    a = RemoteCacheClient(s.address, CHUNK)
+    b: RemoteCacheClient | None = None
+    try:
+        old1, old2 = a.reserve([key(1)]), a.reserve([key(3)])
+        s.stop()
+        s.start()
+        b = RemoteCacheClient(s.address, CHUNK)
+        room = b.reserve([key(2)])  # B's room on the new server, not written yet
+        assert room.found == 1
+        old1.close(commit=True)  # on A's old connection, which this server never greeted: refused
+        assert a.counters["refused"] == 1 and a.counters["reconnects"] == 0
+        assert a.lookup([key(9)]) == 0  # A greets the new server
+        old2.close(commit=True)  # from the previous connection: not sent at all
+        assert a.counters["stale_leases"] == 1 and a.counters["reconnects"] == 1
+        assert b.lookup([key(2)]) == 0  # still B's, unpublished
+        with room:
+            assert room.views[0] is not None
+            room.views[0][:] = pattern(2)
+        with b.read([key(2)]) as pinned:
+            assert pinned.views[0] is not None and bytes(pinned.views[0]) == pattern(2)
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+        s.stop()
+
+
 def test_arena_files_of_a_killed_server_are_removed_by_the_next_one(tmp_path: Path) -> None:
     s = Server(tmp_path).start()
     c = RemoteCacheClient(s.address, CHUNK)

@@ -319,5 +319,6 @@ async def _stream_broken(proxy: "Proxy", out: web.StreamResponse, opened: Opened
     else:
         event = b"data: " + encode_json({"error": error})
     with contextlib.suppress(ConnectionError, RuntimeError):  # the client may be gone as well
-        await out.write(event + b"\n\n")
+        # a blank line first ends an event the engine may have left half written
+        await out.write(b"\n\n" + event + b"\n\n")
         await out.write_eof()

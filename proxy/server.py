@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from aiohttp import web
 
 from pdfabric.proxy.instances import Instance, Registry, UnknownInstance
-from pdfabric.proxy.legs import CHAT, COMPLETIONS, MESSAGES, RESPONSES, Upstream, decode_json
+from pdfabric.proxy.legs import CHAT, COMPLETIONS, FORWARDED, MESSAGES, RESPONSES, Upstream, decode_json
 from pdfabric.proxy.policy import Router, chunk_hashes, estimate_tokens
 
 if TYPE_CHECKING:
@@ -74,7 +74,8 @@ class HTTPProblem(Exception):
     def response(self, anthropic: bool = False) -> web.Response:
         """OpenAI's error shape; Anthropic's (``{"type": "error", "error": ...}``) on its API."""
         if anthropic:
-            kinds = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}
+            kinds = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                     413: "request_too_large", 429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error"}
             kind = kinds.get(self.status, "invalid_request_error" if self.status < 500 else "api_error")
             return web.json_response({"type": "error", "error": {"type": kind, "message": self.message}},
                                      status=self.status)
@@ -187,15 +188,22 @@ class Proxy:
         raw = await request.read()
         engines = sorted(self.registry.decodes(), key=lambda i: i.in_flight) + self.registry.prefills()
         why = "no healthy instance"
+        headers = {"content-type": "application/json",
+                   **{k: v for k in FORWARDED if (v := request.headers.get(k)) is not None}}
+        answer: web.Response | None = None
         for inst in dict.fromkeys(engines):  # a "both" instance is listed twice
             try:
-                async with self.upstream.session.post(inst.url + request.path, data=raw,
-                                                      headers={"content-type": "application/json"}) as resp:
+                async with self.upstream.session.post(inst.url + request.path, data=raw, headers=headers) as resp:
                     body = await resp.read()
                     ctype = resp.headers.get("content-type", "application/json")
-                    return web.Response(body=body, status=resp.status, headers={"content-type": ctype})
+                    answer = web.Response(body=body, status=resp.status, headers={"content-type": ctype})
+                    if resp.status < 500:
+                        return answer
+                    why = f"{inst.name}: HTTP {resp.status}"  # that engine's trouble: the next one
             except Exception as e:  # unreachable or cut: the next engine
                 why = f"{inst.name}: {e!r}"
+        if answer is not None:
+            return answer  # every engine failed: the last one's own answer
         raise HTTPProblem(503, f"no instance could answer {request.path} ({why})", "service_unavailable")
 
     async def _models(self, _: web.Request) -> web.Response:

@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="while serving, restart a process that exits or hangs (default: always); never: stop the launch")
     p.add_argument("--max-restarts", type=_count, default=3, metavar="N",
                    help="a process that ends more than N times within 10 minutes stops the launch (default: 3)")
-    p.add_argument("--hang-timeout", type=float, default=60.0, metavar="S",
+    p.add_argument("--hang-timeout", type=_seconds, default=60.0, metavar="S",
                    help="a serving process whose health endpoint has not answered for S seconds is killed "
                         "and restarted (default: 60; 0: only exits count)")
     p.add_argument("--platform", choices=["auto", "cpu", "cuda"], default="auto",
@@ -59,6 +59,16 @@ def _count(text: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        s = -1.0
+    if not s >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return s
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from pdfabric.launch.preflight import preflight
 
+    other = _live_launch(args.log_dir)
+    if other is not None:
+        console.print(f"[red]error:[/] the log directory {escape(str(args.log_dir))} belongs to the launch running as "
+                      f"pid {other}; give this one its own --log-dir", highlight=False)
+        return 2
     problems = preflight(topo, plan, platform)  # the processes this launch starts
     for msg in problems:
         console.print(f"[red]preflight:[/] {escape(msg)}", highlight=False)
@@ -198,15 +213,29 @@ def _record_launch(log_dir: Path, topo: Any, run_file: Path, secret: str | None,
     secret_file = None
     if secret is not None and here & {i.name for i in topo.instances}:
         path = log_dir / LAUNCH_SECRET_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        path.unlink(missing_ok=True)  # a new file, mode 0600 (not a link, not an old file's mode)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secret)
         secret_file = str(path.resolve())
-    host = topo.proxy.host if topo.proxy.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    host = f"[{host}]" if ":" in host else host
-    record = {"topology": str(run_file.resolve()), "proxy": f"http://{host}:{topo.proxy.port}",
-              "secret_file": secret_file, "pid": os.getpid()}
-    (log_dir / LAUNCH_RECORD).write_text(json.dumps(record, indent=1))
+    host: str | None = topo.proxy.host
+    if host in ("0.0.0.0", "::", ""):  # listening everywhere: here it is loopback, elsewhere unknown
+        host = "127.0.0.1" if "proxy" in here else None
+    proxy = None if host is None else f"http://[{host}]:{topo.proxy.port}" if ":" in host else f"http://{host}:{topo.proxy.port}"
+    record = {"topology": str(run_file.resolve()), "proxy": proxy, "secret_file": secret_file, "pid": os.getpid()}
+    tmp = log_dir / (LAUNCH_RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(log_dir / LAUNCH_RECORD)
+
+
+def _live_launch(log_dir: Path) -> int | None:
+    """The pid of another launch still running with this log directory, else None."""
+    try:
+        pid = int(json.loads((log_dir / LAUNCH_RECORD).read_text())["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid if pid != os.getpid() else None
 
 
 def _forget_launch(log_dir: Path) -> None:

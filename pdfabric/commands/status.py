@@ -57,8 +57,12 @@ def _launch_record(log_dir: Path) -> dict[str, Any]:
 def _connectors(topo: Any, topology: str, launch_secret: str | None = None) -> tuple[dict[str, dict[str, Any]], str | None]:
     """(each engine's connector status or error, a note when a missing secret is the likely cause)."""
     from pdfabric.connector.control import query_status
+    from pdfabric.errors import ConfigError
 
-    secret = topo.shared_secret() or launch_secret
+    try:
+        secret = topo.shared_secret() or launch_secret
+    except ConfigError as e:  # a running launch's topology whose secret this shell cannot read
+        return {}, f"connectors not asked: {e}"
     key = (secret or "").encode()  # engines started without any secret answer an empty key
     out: dict[str, dict[str, Any]] = {}
     for i in topo.instances:
@@ -91,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
         from pdfabric.config import load_topology
         from pdfabric.errors import ConfigError
 
-        try:
-            topo = load_topology(topology, check_secrets=True)
+        try:  # a launch's topology: its secret may live in the launch's environment, not ours
+            topo = load_topology(topology, check_secrets=args.topology is not None)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

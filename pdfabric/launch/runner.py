@@ -187,6 +187,7 @@ class Runner:
         _kill_group(p.popen.pid, self.console)  # what is left of it (a vLLM engine's core process)
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.popen.wait(5)  # reaped (a hung one was killed just now)
+        now = time.monotonic()  # the back-off runs from here (the kill may have taken seconds)
         p.exits = [t for t in p.exits if now - t < RESTART_WINDOW_S] + [now]
         if policy == "never":
             return what

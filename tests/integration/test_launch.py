@@ -417,6 +417,18 @@ def test_a_process_that_dies_is_restarted_until_max_restarts(tmp_path: Path) -> 
     assert_all_gone(logs)
 
 
+def test_a_log_directory_in_use_by_a_running_launch_is_refused(tmp_path: Path) -> None:
+    topo = write_topology(tmp_path / "t.yaml", model={"path": str(tmp_path / "no-model-here"), "block_size": 32})
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    record = {"topology": str(topo), "proxy": None, "secret_file": None, "pid": os.getpid()}  # alive
+    (logs / "launch.json").write_text(json.dumps(record))
+    r = launch(str(topo), "--only", "proxy", "--log-dir", str(logs))
+    assert r.returncode == 2 and f"belongs to the launch running as pid {os.getpid()}" in r.stderr, r.stderr
+    assert not (logs / "pids.json").exists()  # nothing started
+    assert json.loads((logs / "launch.json").read_text()) == record  # and the other's record kept
+
+
 def test_a_hung_process_is_killed_and_restarted(tmp_path: Path) -> None:
     """Alive but not answering (stopped with SIGSTOP, as a deadlock would leave it): after
     --hang-timeout the launcher kills its group and starts it again."""

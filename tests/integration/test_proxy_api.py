@@ -93,9 +93,15 @@ def test_tokenize_is_answered_by_one_engine_the_next_if_one_is_down(make_stack: 
     r = s.client.post("/tokenize", json=body, headers=auth)
     assert r.status_code == 200 and r.json()["count"] == len(r.json()["tokens"]) >= 1
     assert len(s.decodes[0].tokenized) == 1 and s.prefills[0].tokenized == []  # a decode engine first
+    s.decodes[0].faults.tokenize_status = 500  # its own trouble: the next engine answers
+    r = s.client.post("/tokenize", json=body, headers=auth)
+    assert r.status_code == 200 and len(s.decodes[0].tokenized) == 2 and len(s.prefills[0].tokenized) == 1
+    s.prefills[0].faults.tokenize_status = 500  # every engine fails: the last answer is passed on
+    assert s.client.post("/tokenize", json=body, headers=auth).status_code == 500
+    s.prefills[0].faults.tokenize_status = None
     s.stop_engine(s.decodes[0])
     r = s.client.post("/tokenize", json=body, headers=auth)
-    assert r.status_code == 200 and len(s.prefills[0].tokenized) == 1  # down: the next engine
+    assert r.status_code == 200 and len(s.prefills[0].tokenized) == 3  # down: the next engine
     assert all(e.requests == [] for e in s.engines)  # nothing was paired
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -103,6 +104,13 @@ def test_status_finds_a_running_launch_from_its_log_dir(make_stack: Callable[...
     assert "connectors_note" not in data  # a secret was at hand: no "names no secret" advice
     gone = status("--log-dir", str(tmp_path / "no-launch-here"))
     assert gone.returncode == 1 and "http://127.0.0.1:8000" in gone.stderr
+    env_secret = tmp_path / "env-secret.yaml"  # the launch's secret is in its environment, not ours
+    env_secret.write_text(Path(_topology(tmp_path)).read_text() + "secret: {env: PDFABRIC_STATUS_LAUNCH_ONLY}\n")
+    (logs / "launch.json").write_text(json.dumps({**record, "topology": str(env_secret), "secret_file": None}))
+    r = status("--log-dir", str(logs), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "connectors not asked" in json.loads(r.stdout)["connectors_note"]
+    assert "PDFABRIC_STATUS_LAUNCH_ONLY" in json.loads(r.stdout)["connectors_note"]
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (logs / "launch.json").write_text(json.dumps({**record, "pid": int(dead.stdout)}))  # a launch killed
     stale = status("--log-dir", str(logs))

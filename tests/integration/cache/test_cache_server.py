@@ -222,13 +222,14 @@ def test_a_client_idle_through_a_restart_greets_the_new_server_before_writing(tm
     arena - refused as not greeted, it says Hello again and maps the new one - or the
     chunk would be published with bytes nobody wrote (zeros), silently."""
     s = Server(tmp_path).start()
-    a = RemoteCacheClient(s.address, CHUNK)
+    # timeout_s: a new connection's first call waits for it (0.5 s can pass on a loaded machine)
+    a = RemoteCacheClient(s.address, CHUNK, timeout_s=5)
     b: RemoteCacheClient | None = None
     try:
         fill(a, [1])
         s.stop()
         s.start()  # same port, a new arena; `a` saw nothing of it
-        b = RemoteCacheClient(s.address, CHUNK)
+        b = RemoteCacheClient(s.address, CHUNK, timeout_s=5)
         assert b.lookup([key(5)]) == 0  # b greets the new server
         fill(a, [5])
         assert a.counters["reconnects"] == 1 and a.counters["errors"] == 0
@@ -246,13 +247,13 @@ def test_a_lease_from_before_a_restart_never_ends_another_clients_lease(tmp_path
     is not sent (it could commit another client's unwritten room), and the server ends a
     lease only for the connection it gave it to."""
     s = Server(tmp_path).start()
-    a = RemoteCacheClient(s.address, CHUNK)
+    a = RemoteCacheClient(s.address, CHUNK, timeout_s=5)
     b: RemoteCacheClient | None = None
     try:
         old1, old2 = a.reserve([key(1)]), a.reserve([key(3)])
         s.stop()
         s.start()
-        b = RemoteCacheClient(s.address, CHUNK)
+        b = RemoteCacheClient(s.address, CHUNK, timeout_s=5)
         room = b.reserve([key(2)])  # B's room on the new server, not written yet
         assert room.found == 1
         old1.close(commit=True)  # on A's old connection, which this server never greeted: refused

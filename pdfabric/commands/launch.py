@@ -15,12 +15,13 @@ SIGTERM stops everything, by process id. Exit codes: 0 ok, 1 a process or check 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
+
+from pdfabric.launch.record import LAUNCH_RECORD, LAUNCH_SECRET_FILE, live_record, write_record
 
 __all__ = ["register", "run"]
 
@@ -202,7 +203,6 @@ def _run(topo: Any, plan: list[Any], args: argparse.Namespace, key: bytes, conso
             console.print(f"[red]still running:[/] {[p.popen.pid for p in left if p.popen]}")
 
 
-LAUNCH_RECORD, LAUNCH_SECRET_FILE = "launch.json", "launch-secret"
 
 
 def _record_launch(log_dir: Path, topo: Any, run_file: Path, secret: str | None, here: set[str]) -> None:
@@ -222,19 +222,13 @@ def _record_launch(log_dir: Path, topo: Any, run_file: Path, secret: str | None,
     if host in ("0.0.0.0", "::", ""):  # listening everywhere: here it is loopback, elsewhere unknown
         host = "127.0.0.1" if "proxy" in here else None
     proxy = None if host is None else f"http://[{host}]:{topo.proxy.port}" if ":" in host else f"http://{host}:{topo.proxy.port}"
-    record = {"topology": str(run_file.resolve()), "proxy": proxy, "secret_file": secret_file, "pid": os.getpid()}
-    tmp = log_dir / (LAUNCH_RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(log_dir / LAUNCH_RECORD)
+    write_record(log_dir, {"topology": str(run_file.resolve()), "proxy": proxy, "secret_file": secret_file})
 
 
 def _live_launch(log_dir: Path) -> int | None:
     """The pid of another launch still running with this log directory, else None."""
-    try:
-        pid = int(json.loads((log_dir / LAUNCH_RECORD).read_text())["pid"])
-        os.kill(pid, 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    record = live_record(log_dir)
+    pid = None if record is None else int(record["pid"])
     return pid if pid != os.getpid() else None
 
 

@@ -46,12 +46,9 @@ def _get(url: str, key: str | None) -> bytes:
 def _launch_record(log_dir: Path) -> dict[str, Any]:
     """A running launch's ``launch.json`` (``pdfabric.commands.launch``), or {} (none, or
     one left by a launch that was killed: its process is gone)."""
-    try:
-        record = json.loads((log_dir / "launch.json").read_text())
-        os.kill(int(record["pid"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    from pdfabric.launch.record import live_record
+
+    return live_record(log_dir) or {}
 
 
 def _connectors(topo: Any, topology: str, launch_secret: str | None = None) -> tuple[dict[str, dict[str, Any]], str | None]:

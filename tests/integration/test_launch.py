@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pdfabric.launch.record import live_record
 from pdfabric.testing.fabric import free_port
+from pdfabric.transports._procs import proc_start
 
 pytestmark = [pytest.mark.integration]
 
@@ -427,6 +429,24 @@ def test_a_log_directory_in_use_by_a_running_launch_is_refused(tmp_path: Path) -
     assert r.returncode == 2 and f"belongs to the launch running as pid {os.getpid()}" in r.stderr, r.stderr
     assert not (logs / "pids.json").exists()  # nothing started
     assert json.loads((logs / "launch.json").read_text()) == record  # and the other's record kept
+
+
+def test_a_record_whose_pid_was_reused_does_not_hold_the_log_directory(tmp_path: Path) -> None:
+    """A launch killed with SIGKILL leaves launch.json behind; when its pid now names
+    another process (another start time), the directory is free and a new launch serves."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    stale = {"topology": "gone.yaml", "proxy": None, "secret_file": None, "pid": os.getpid(),
+             "pid_start": proc_start(os.getpid()) + 1}  # fmt: skip
+    (logs / "launch.json").write_text(json.dumps(stale))
+    proc, logs, err, port = _serve_proxy_only(tmp_path)
+    try:
+        record = live_record(logs)
+        assert record is not None and record["pid"] == proc.pid and record["pid_start"] == proc_start(proc.pid)
+    finally:
+        _stop_launch(proc, ("--log-dir", str(logs)))
+    assert not (logs / "launch.json").exists()
+    assert_all_gone(logs)
 
 
 def test_a_hung_process_is_killed_and_restarted(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Callable
 
 import pytest
 
+from pdfabric.transports._procs import proc_start
 from proxy_harness import Stack
 
 pytestmark = [pytest.mark.integration]
@@ -115,3 +116,9 @@ def test_status_finds_a_running_launch_from_its_log_dir(make_stack: Callable[...
     (logs / "launch.json").write_text(json.dumps({**record, "pid": int(dead.stdout)}))  # a launch killed
     stale = status("--log-dir", str(logs))
     assert stale.returncode == 1 and "http://127.0.0.1:8000" in stale.stderr  # its record is not used
+    # a killed launch whose pid the kernel gave to another process: the start time differs
+    (logs / "launch.json").write_text(json.dumps({**record, "pid_start": proc_start(os.getpid()) + 1}))
+    reused = status("--log-dir", str(logs))
+    assert reused.returncode == 1 and "http://127.0.0.1:8000" in reused.stderr
+    (logs / "launch.json").write_text(json.dumps({**record, "pid_start": proc_start(os.getpid())}))
+    assert status("--log-dir", str(logs), "--json").returncode == 0  # the same process: found

@@ -47,6 +47,7 @@ __all__ = ["SHM_DIR", "CacheService", "remove_stale_arenas"]
 log = logging.getLogger("pdfabric.cache")
 
 SHM_DIR = Path("/dev/shm")
+FORGET_IDLE_S = 3600.0  # a greeted connection silent this long is forgotten (it greets again)
 _MAX_KEYINGS = 8  # one deployment has one; a few models sharing a server stay listed
 _ARENA = re.compile(r"^pdfabric-cache-(\d+)-[0-9a-f]+$")
 
@@ -76,6 +77,15 @@ class _Lease:
     at: float
 
 
+@dataclass(eq=False)
+class _Conn:
+    """A connection this server greeted (by its ZMQ identity)."""
+
+    client: str  # the name its Hello gave
+    chunk_tokens: int
+    seen: float  # time.monotonic() of its last request
+
+
 @dataclass
 class _Arena:
     path: Path
@@ -96,20 +106,24 @@ class CacheService:
     """The cache server's state and loops; ``start()`` binds, ``stop()`` ends everything."""
 
     def __init__(self, config: CacheConfig, *, host: str = "127.0.0.1", port: int = 0, http_port: int | None = 0,
-                 base_dir: str | None = None, lease_ttl_s: float = 60.0, shm_dir: Path = SHM_DIR) -> None:
+                 base_dir: str | None = None, lease_ttl_s: float = 60.0, shm_dir: Path = SHM_DIR,
+                 forget_idle_s: float = FORGET_IDLE_S) -> None:
         self.config = config
         self.host, self.port, self.http_port = host, port, http_port
         self.base_dir = base_dir
         self.lease_ttl_s = lease_ttl_s
+        self.forget_idle_s = forget_idle_s
         self.shm_dir = shm_dir
         self.cache: Any = None  # TieredCache, built when the first client fixes the chunk size
         self.chunk_bytes: int | None = None
         self.arena: _Arena | None = None
         self.counters: dict[str, int] = {"requests": 0, "hellos": 0, "refused": 0, "expired_leases": 0,
-                                         "bad_messages": 0}
-        self.clients: dict[str, float] = {}  # client name -> last seen (time.time())
+                                         "bad_messages": 0, "forgotten_connections": 0}
         self._leases: dict[int, _Lease] = {}
-        self._chunk_tokens: dict[bytes, int] = {}  # client identity -> tokens per chunk
+        # greeted connections; one silent for forget_idle_s (and holding no lease) is
+        # forgotten: its next request is refused as not greeted, and its client says Hello again
+        self._conns: dict[bytes, _Conn] = {}
+        self._names: tuple[str, ...] = ()  # their clients' names; replaced whole (read by HTTP)
         # (fingerprint, chunk_tokens) of unsalted clients, most recent first; replaced whole,
         # so the HTTP thread reads it without the lock
         self._keyings: tuple[tuple[str, int], ...] = ()
@@ -255,19 +269,21 @@ class CacheService:
                 return wire.Refused(seq, f"this server holds chunks of {self.chunk_bytes} bytes, the client's are "
                                          f"{msg.chunk_bytes}: another model, dtype or chunk_tokens needs its own "
                                          "cache server")
-            self.clients[msg.client] = time.time()
-            self._chunk_tokens[ident] = msg.chunk_tokens
+            self._conns[ident] = _Conn(msg.client, msg.chunk_tokens, time.monotonic())
+            self._names = tuple(sorted({c.client for c in self._conns.values()}))
             self._remember_keying(msg)
             assert self.arena is not None
             return wire.HelloOk(seq, str(self.arena.path), self.arena.size, msg.chunk_bytes)
-        if self.cache is None or self.arena is None or ident not in self._chunk_tokens:
+        conn = self._conns.get(ident)
+        if self.cache is None or self.arena is None or conn is None:
             # a connection this server never greeted: its client may hold the arena of a
             # server that ran here before (written into, it would reach nobody)
             return wire.Refused(seq, f"{wire.HELLO_FIRST}: this server has not greeted this connection "
                                      "(it may have restarted)")
+        conn.seen = time.monotonic()
         if isinstance(msg, wire.Lookup):
             n = self.cache.lookup(msg.keys)
-            per = self._chunk_tokens.get(ident, 0)
+            per = conn.chunk_tokens
             if msg.count and per:
                 self.cache.record_lookup(len(msg.keys) * per, n * per)
             return wire.Count(seq, n)
@@ -326,16 +342,27 @@ class CacheService:
                     log.warning("pdfabric cache-server: a %s lease of a client expired after %.0fs; released",
                                 lease.kind, self.lease_ttl_s)
                     self._end(lease, commit=False)
+            holding = {lease.client for lease in self._leases.values()}
+            for ident, conn in list(self._conns.items()):
+                if now - conn.seen > self.forget_idle_s and ident not in holding:
+                    del self._conns[ident]
+                    self.counters["forgotten_connections"] += 1
+                    self._names = tuple(sorted({c.client for c in self._conns.values()}))
 
     # -- admin -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"server": dict(self.counters), "open_leases": len(self._leases),
-                               "clients": sorted(self.clients), "chunk_bytes": self.chunk_bytes,
+                               "clients": self.client_names(), "connections": len(self._conns),
+                               "chunk_bytes": self.chunk_bytes,
                                "keyings": self.keyings,
                                "uptime_s": round(time.time() - self.started, 1)}
         if self.cache is not None:
             out["cache"] = _plain(self.cache.stats())
         return out
+
+    def client_names(self) -> list[str]:
+        """The names of the clients whose connections this server greeted and has not forgotten."""
+        return list(self._names)
 
     def clear(self) -> int:
         with self._lock:
@@ -356,7 +383,7 @@ class CacheService:
             "# TYPE pdfabric_cache_server_expired_leases_total counter",
             f"pdfabric_cache_server_expired_leases_total {self.counters['expired_leases']}",
             "# TYPE pdfabric_cache_server_clients gauge",
-            f"pdfabric_cache_server_clients {len(self.clients)}",
+            f"pdfabric_cache_server_clients {len(self.client_names())}",
         ]
         text = "\n".join(lines) + "\n"
         if self.cache is not None:

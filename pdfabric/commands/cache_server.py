@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--chunk-tokens", type=int, dest="chunk_tokens", help="tokens per chunk (default 256)")
     p.add_argument("--lease-ttl", type=float, dest="lease_ttl", metavar="SECONDS",
                    help="pins of a client that died end after this (default 60)")
+    p.add_argument("--forget-idle", type=float, dest="forget_idle", metavar="SECONDS",
+                   help="a connection silent this long is forgotten; its engine says hello again (default 3600)")
     p.set_defaults(func=run)
 
 
@@ -92,9 +94,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str
                 msg = "the URL holds a password; give it with --redis-password-env NAME instead"
             raise ConfigError(msg, path=_flag_of(first["loc"], tiers)) from None
     for key, flag in (("host", args.host), ("port", args.port), ("http_port", args.http_port),
-                      ("lease_ttl_s", args.lease_ttl)):
+                      ("lease_ttl_s", args.lease_ttl), ("forget_idle_s", args.forget_idle)):
         if flag is not None:
             opts[key] = flag
+    for key, name in (("lease_ttl_s", "--lease-ttl"), ("forget_idle_s", "--forget-idle")):
+        if key in opts and not opts[key] > 0:  # not NaN either
+            raise ConfigError(f"must be a positive number of seconds, got {opts[key]}", path=name)
     if opts["http_port"] is None:
         opts["http_port"] = opts["port"] + 1 if opts["port"] else 0
     return config, opts, base

@@ -274,6 +274,38 @@ def test_a_lease_from_before_a_restart_never_ends_another_clients_lease(tmp_path
         s.stop()
 
 
+def test_an_idle_connection_is_forgotten_and_its_client_greets_again(tmp_path: Path) -> None:
+    """The server keeps one entry per greeted connection; one silent past --forget-idle
+    (holding no lease) is dropped, so engines restarted for weeks do not grow it. The
+    forgotten client's next call is refused as not greeted, and it says Hello again on its
+    own; a connection that holds a lease is kept however long it is silent."""
+    s = Server(tmp_path, "--forget-idle", "2").start()
+    a = RemoteCacheClient(s.address, CHUNK, name="engine-a", timeout_s=5)
+    b = RemoteCacheClient(s.address, CHUNK, name="engine-b", timeout_s=5)
+    try:
+        fill(a, [1])
+        room = b.reserve([key(2)])  # b holds a lease through the idle time
+        deadline = time.monotonic() + 10
+        while json.loads(s.get("/admin/stats")[1])["server"]["forgotten_connections"] < 1:
+            assert time.monotonic() < deadline, s.get("/admin/stats")
+            time.sleep(0.2)
+        time.sleep(2.5)  # more sweeps: b's connection must stay
+        stats = json.loads(s.get("/admin/stats")[1])
+        assert stats["connections"] == 1 and stats["clients"] == ["engine-b"]
+        assert stats["server"]["forgotten_connections"] == 1
+        with room:
+            assert room.views[0] is not None
+            room.views[0][:] = pattern(2)
+        assert b.counters["refused"] == 0 and b.counters["reconnects"] == 0
+        assert a.lookup([key(1), key(2)]) == 2  # refused, greets again, asks again: answered
+        assert a.counters["reconnects"] == 1 and a.counters["errors"] == 0
+        assert "engine-a" in json.loads(s.get("/admin/stats")[1])["clients"]  # (b may be forgotten by now)
+    finally:
+        a.close()
+        b.close()
+        s.stop()
+
+
 def test_arena_files_of_a_killed_server_are_removed_by_the_next_one(tmp_path: Path) -> None:
     s = Server(tmp_path).start()
     c = RemoteCacheClient(s.address, CHUNK)
@@ -353,6 +385,8 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path: Path) -> None:
     (["--memory", "1GiB", "--disk-size", "1GiB"], "--disk-size: needs --disk DIR"),
     (["--topology", "TOPO", "--chunk-tokens", "128"], "either in --topology's cache section or as flags"),
     (["--topology", "TOPO", "--disk-size", "1GiB"], "either in --topology's cache section or as flags"),
+    (["--memory", "1GiB", "--forget-idle", "0"], "--forget-idle: must be a positive number of seconds, got 0.0"),
+    (["--memory", "1GiB", "--lease-ttl", "-5"], "--lease-ttl: must be a positive number of seconds, got -5.0"),
 ])
 def test_bad_flag_combinations_name_the_flag(argv: list[str], expected: str) -> None:
     import argparse

@@ -12,9 +12,9 @@ hangs: alive, but its health endpoint (``/live`` for the proxy, whose ``/health`
 a decode engine) has not answered for ``hang_s``. What is left of its process group is
 killed first (a vLLM engine's core process outlives its API server), then it starts again
 with the same command after a back-off (1 s, doubling, at most 30 s), its log appended to.
-A process that ends more than ``max_restarts`` times within ``RESTART_WINDOW_S``, or is not
-ready again within the launch's timeout, stops the launch; so does any end with policy
-``never``.
+One that is not ready again within the launch's timeout after a restart is killed and
+counts as another end. A process that ends more than ``max_restarts`` times within
+``RESTART_WINDOW_S`` stops the launch; so does any end with policy ``never``.
 """
 
 from __future__ import annotations
@@ -175,12 +175,14 @@ class Runner:
                 if _healthy(p.spec.ready_url):
                     p.state, p.ready_after = "ready", now - p.started
                     self.console.print(f"{escape(p.spec.name)} is ready again after {p.ready_after:.0f}s")
-                elif now - p.started > timeout:
-                    return f"{p.spec.name} was not ready again {timeout:g}s after its restart"
+                    return None
+                if now - p.started <= timeout:
+                    return None
+                what = f"{p.spec.name} was not ready again {timeout:g}s after its restart"
+            elif self._hung(p, now, hang_s):
+                what = f"{p.spec.name} has not answered {p.live_url} for {now - (p.failing_since or now):.0f}s"
+            else:
                 return None
-            if not self._hung(p, now, hang_s):
-                return None
-            what = f"{p.spec.name} has not answered {p.live_url} for {now - (p.failing_since or now):.0f}s"
             self.console.print(f"[yellow]{escape(what)}[/]: killing it")
         else:
             what = f"{p.spec.name} exited with code {code}"

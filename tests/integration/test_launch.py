@@ -387,11 +387,11 @@ def _kill_process(logs: Path, name: str) -> int:
     return pid
 
 
-def _new_pid(logs: Path, name: str, old: int, timeout: float = 30) -> int:
+def _new_pid(logs: Path, name: str, old: int, timeout: float = 30, poll: float = 0.2) -> int:
     deadline = time.monotonic() + timeout
     while (pid := int(json.loads((logs / "pids.json").read_text())[name])) == old:
         assert time.monotonic() < deadline, f"{name} was not restarted within {timeout:g}s"
-        time.sleep(0.2)
+        time.sleep(poll)
     return pid
 
 
@@ -461,6 +461,28 @@ def test_a_hung_process_is_killed_and_restarted(tmp_path: Path) -> None:
         assert f"proxy has not answered http://127.0.0.1:{port}/live for " in out and "killing it" in out, out
         assert _new_pid(logs, "proxy", frozen) != frozen
         assert not Path(f"/proc/{frozen}").exists() or Path(f"/proc/{frozen}/stat").read_text().split()[2] == "Z"
+    finally:
+        _stop_launch(proc, ("--log-dir", str(logs)))
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    assert_all_gone(logs)
+
+
+def test_a_process_not_ready_after_its_restart_is_killed_and_restarted_again(tmp_path: Path) -> None:
+    """A restart that hangs while starting (stopped at once, before it serves) is not the
+    end of the launch: after --timeout it is killed, counted as another end, and started again."""
+    proc, logs, err, port = _serve_proxy_only(tmp_path, "--timeout", "15")
+    try:
+        first = _kill_process(logs, "proxy")
+        stuck = _new_pid(logs, "proxy", first, timeout=30, poll=0.02)
+        os.kill(stuck, signal.SIGSTOP)  # long before it could serve (a Python start takes ~1 s)
+        third = _new_pid(logs, "proxy", stuck, timeout=60)
+        _wait_for_text(proc, err, "proxy is ready again", 60)
+        out = err.read_text()
+        assert "proxy was not ready again 15s after its restart: killing it" in out, out[-3000:]
+        assert "restart 2 of at most 3" in out, out[-3000:]
+        assert third not in (first, stuck) and proc.poll() is None
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/live", timeout=5) as r:
+            assert r.status == 200
     finally:
         _stop_launch(proc, ("--log-dir", str(logs)))
     assert proc.returncode == 0, err.read_text()[-3000:]

@@ -3,14 +3,22 @@
 An ``Instance`` is one vLLM engine: role (prefill / decode / both), its OpenAI base URL,
 and - for a prefill engine - the connector's control endpoint that decode engines dial.
 Load counters are updated by the request path (single event loop: no locks).
+
+With a state file (``pdfabric proxy --state-file``), what the admin API changed - instances
+added, drained, resumed, removed - is written there after each change, and a proxy
+started again with the same file begins from it instead of its topology: a proxy restarted
+by its launcher keeps an operator's drain.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-__all__ = ["Instance", "Registry", "UnknownInstance"]
+__all__ = ["Instance", "Registry", "UnknownInstance", "load_state", "save_state"]
 
 Role = Literal["prefill", "decode", "both"]
 
@@ -82,3 +90,51 @@ class Registry:
 
     def decodes(self) -> list[Instance]:
         return [i for i in self._by_name.values() if i.can_decode and i.usable]
+
+
+_STATE_KEYS = ("name", "role", "url", "control", "draining")
+
+
+def save_state(path: Path, registry: Registry) -> None:
+    """Write the instances as the admin API left them, atomically (a crash mid-write leaves
+    the previous file)."""
+    doc = {"instances": [{k: getattr(i, k) for k in _STATE_KEYS} for i in registry.all()]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> list[Instance] | None:
+    """The instances a state file holds; None when there is no file. ``ValueError`` naming
+    the file and the entry when it cannot be used."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    entries = doc.get("instances") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected {{\"instances\": [...]}}")
+    out: list[Instance] = []
+    for n, e in enumerate(entries):
+        out.append(_instance_of(e, f"{path}: instances[{n}]"))
+    return out
+
+
+def _instance_of(e: Any, where: str) -> Instance:
+    if not isinstance(e, dict) or set(e) != set(_STATE_KEYS):
+        raise ValueError(f"{where}: expected the keys {list(_STATE_KEYS)}")
+    if not isinstance(e["name"], str) or not e["name"]:
+        raise ValueError(f"{where}.name: expected a non-empty string, got {e['name']!r}")
+    if e["role"] not in ("prefill", "decode", "both"):
+        raise ValueError(f"{where}.role: expected prefill, decode or both, got {e['role']!r}")
+    if not isinstance(e["url"], str) or not e["url"].startswith(("http://", "https://")):
+        raise ValueError(f"{where}.url: expected an http://host:port URL, got {e['url']!r}")
+    if e["control"] is not None and not isinstance(e["control"], str):
+        raise ValueError(f"{where}.control: expected host:port or null, got {e['control']!r}")
+    if not isinstance(e["draining"], bool):
+        raise ValueError(f"{where}.draining: expected true or false, got {e['draining']!r}")
+    return Instance(e["name"], e["role"], e["url"], e["control"], draining=e["draining"])

@@ -5,8 +5,9 @@ Endpoints: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses`` and 
 ``/v1/messages`` (streaming passed through chunk by chunk, or not), ``/v1/models``,
 ``/v1/messages/count_tokens``, ``/tokenize`` and ``/detokenize`` (answered by one engine), ``/health`` (200 once a decode engine is healthy, else 503),
 ``/live`` (200 while the proxy serves HTTP), ``/metrics`` and the admin API
-``/admin/instances`` (GET list, POST add), ``/admin/instances/{name}/drain`` (POST) and
-``/admin/instances/{name}`` (DELETE).
+``/admin/instances`` (GET list, POST add), ``/admin/instances/{name}/drain`` and
+``/undrain`` (POST), ``/admin/instances/{name}`` (DELETE); with ``state_file`` the admin
+changes survive a restart (``instances.save_state``).
 
 One request: choose (prefill, decode) with the policy; send both legs at once with a shared
 transfer id (``concurrent``) or the prefill leg first (``sequential``); if the prefill leg
@@ -26,11 +27,12 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
 
-from pdfabric.proxy.instances import Instance, Registry, UnknownInstance
+from pdfabric.proxy.instances import Instance, Registry, UnknownInstance, save_state
 from pdfabric.proxy.legs import CHAT, COMPLETIONS, FORWARDED, MESSAGES, RESPONSES, Upstream, decode_json
 from pdfabric.proxy.policy import Router, chunk_hashes, estimate_tokens
 
@@ -62,6 +64,7 @@ class ProxySettings:
     cache_http_port: int | None = None
     cache_local_tokens: int = 256
     cache_timeout_s: float = 0.2
+    state_file: str | None = None  # where admin changes are kept (instances.save_state); None: nowhere
 
 
 class HTTPProblem(Exception):
@@ -118,6 +121,7 @@ class Proxy:
         r.add_get("/admin/instances", self._admin_list)
         r.add_post("/admin/instances", self._admin_add)
         r.add_post("/admin/instances/{name}/drain", self._admin_drain)
+        r.add_post("/admin/instances/{name}/undrain", self._admin_undrain)
         r.add_delete("/admin/instances/{name}", self._admin_remove)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
@@ -236,10 +240,13 @@ class Proxy:
         control = body.get("control")
         if role != "decode" and not isinstance(control, str):
             raise HTTPProblem(400, f"a {role} instance needs 'control' (host:port of its connector)")
+        if not url.startswith(("http://", "https://")):
+            raise HTTPProblem(400, f"url: expected http://host:port, got {url!r}")
         try:
             self.registry.add(Instance(name, role, url.rstrip("/"), control if isinstance(control, str) else None))
         except ValueError as e:
             raise HTTPProblem(409, str(e)) from None
+        self._changed()
         return web.json_response(self.registry.get(name).as_dict(), status=201)
 
     def _instance(self, request: web.Request) -> Instance:
@@ -253,12 +260,30 @@ class Proxy:
     async def _admin_drain(self, request: web.Request) -> web.Response:
         inst = self._instance(request)
         inst.draining = True
+        self._changed()
+        return web.json_response(inst.as_dict())
+
+    async def _admin_undrain(self, request: web.Request) -> web.Response:
+        inst = self._instance(request)
+        inst.draining = False
+        self._changed()
         return web.json_response(inst.as_dict())
 
     async def _admin_remove(self, request: web.Request) -> web.Response:
         inst = self._instance(request)
         self.registry.remove(inst.name)
+        self._changed()
         return web.json_response(inst.as_dict())
+
+    def _changed(self) -> None:
+        """Keep an admin change in the state file, so a restarted proxy starts from it."""
+        if self.settings.state_file is None:
+            return
+        try:
+            save_state(Path(self.settings.state_file), self.registry)
+        except OSError as e:
+            log.error("pdfabric proxy: cannot write the state file %s (%s); a restarted proxy would "
+                      "start from its topology", self.settings.state_file, e)
 
     # -- health ------------------------------------------------------------------------
     async def _health_loop(self) -> None:

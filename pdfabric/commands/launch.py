@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pdfabric.launch.record import LAUNCH_RECORD, LAUNCH_SECRET_FILE, live_record, write_record
+from pdfabric.launch.record import LAUNCH_RECORD, LAUNCH_SECRET_FILE, PROXY_STATE_FILE, live_record, write_record
 
 __all__ = ["register", "run"]
 
@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         engines_here = only is None or any(i.name in only for i in topo.instances)
         model = _model_dir(topo, args.dry_run or not engines_here)
         secret = None if topo.secret is not None else os.urandom(16).hex()
-        plan = build_plan(topo, run_file.resolve(), model, platform, launch_secret=secret)
+        plan = build_plan(topo, run_file.resolve(), model, platform, launch_secret=secret,
+                          proxy_state=(args.log_dir / PROXY_STATE_FILE).resolve())
         if only is not None:
             plan = _select(plan, only)
     except ConfigError as e:
@@ -169,6 +170,8 @@ def _run(topo: Any, plan: list[Any], args: argparse.Namespace, key: bytes, conso
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         _record_launch(args.log_dir, topo, run_file, secret, {spec.name for spec in plan})
+        # a new launch starts from its topology; admin changes carry over only across restarts within it
+        (args.log_dir / PROXY_STATE_FILE).unlink(missing_ok=True)
         runner.start(args.timeout)
         here = {spec.name for spec in plan}
         post_start_checks(topo, key, console, here)

@@ -19,6 +19,7 @@ import asyncio
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = ["register", "settings_and_registry"]
@@ -51,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="seconds between health probes of every instance (default 2)")
     p.add_argument("--leg-timeout", type=_positive, metavar="SECONDS", dest="leg_timeout",
                    help="longest silence of an engine before its leg is given up (default 600)")
+    p.add_argument("--state-file", metavar="FILE", dest="state_file",
+                   help="keep admin changes (added, drained, removed instances) here; when it exists, "
+                        "start from it instead of the topology's instances")
     p.add_argument("--cache", metavar="HOST:PORT", help="ask this cache server (its engine port) how much of "
                    "each prompt is cached; mostly cached prompts go to a decode engine alone")
     p.add_argument("--cache-http", type=int, metavar="PORT", dest="cache_http",
@@ -109,7 +113,24 @@ def settings_and_registry(args: argparse.Namespace) -> tuple[Any, Any]:
         registry = Registry(instances)
     except ValueError as e:  # a flag's prefill-N / decode-N also named in the topology
         raise ConfigError(f"{e}: --prefill/--decode instances are named prefill-N/decode-N") from None
+    if args.state_file:
+        base["state_file"] = str(Path(args.state_file).resolve())
+        registry = _saved_registry(Path(args.state_file)) or registry
     return ProxySettings(**base), registry
+
+
+def _saved_registry(path: Path) -> Any:
+    """The registry an earlier run of this proxy left in its state file, else None."""
+    from pdfabric.errors import ConfigError
+    from pdfabric.proxy.instances import Registry, load_state
+
+    try:
+        saved = load_state(path)
+        return None if saved is None else Registry(saved)
+    except ValueError as e:
+        raise ConfigError(f"{e}", path="--state-file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}", path="--state-file") from None
 
 
 def _topology_cache(topo: Any) -> dict[str, Any]:

@@ -44,8 +44,10 @@ class ProcSpec:
 
 
 def build_plan(topo: Topology, topology_file: Path, model_dir: Path, platform: Platform,
-               *, python: str = sys.executable, launch_secret: str | None = None) -> list[ProcSpec]:
-    """The cache server (when the topology has one), engines (prefill before decode), the proxy last."""
+               *, python: str = sys.executable, launch_secret: str | None = None,
+               proxy_state: Path | None = None) -> list[ProcSpec]:
+    """The cache server (when the topology has one), engines (prefill before decode), the proxy last
+    (keeping its admin changes in ``proxy_state``, when given, across its restarts)."""
     order = sorted(topo.instances, key=lambda i: {"prefill": 0, "both": 1, "decode": 2}[i.role])
     plan: list[ProcSpec] = []
     if topo.cache is not None and topo.cache.server is not None:
@@ -57,7 +59,8 @@ def build_plan(topo: Topology, topology_file: Path, model_dir: Path, platform: P
     plan += [_engine(topo, i, topology_file, model_dir, platform, python, launch_secret) for i in order]
     px = topo.proxy
     plan.append(ProcSpec(
-        "proxy", "proxy", [python, "-m", "pdfabric.cli", "proxy", "--topology", str(topology_file)], {},
+        "proxy", "proxy", [python, "-m", "pdfabric.cli", "proxy", "--topology", str(topology_file),
+                           *(["--state-file", str(proxy_state)] if proxy_state is not None else [])], {},
         f"http://{px.host}:{px.port}/health", ((px.host, px.port),),
     ))
     return plan

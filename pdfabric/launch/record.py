@@ -13,9 +13,10 @@ from typing import Any
 
 from pdfabric.transports._procs import proc_start
 
-__all__ = ["LAUNCH_RECORD", "LAUNCH_SECRET_FILE", "live_record", "write_record"]
+__all__ = ["LAUNCH_RECORD", "LAUNCH_SECRET_FILE", "PROXY_STATE_FILE", "live_record", "write_record"]
 
 LAUNCH_RECORD, LAUNCH_SECRET_FILE = "launch.json", "launch-secret"
+PROXY_STATE_FILE = "proxy-state.json"  # the proxy's admin changes (``pdfabric proxy --state-file``)
 
 
 def write_record(log_dir: Path, fields: dict[str, Any]) -> None:

@@ -489,6 +489,29 @@ def test_a_process_not_ready_after_its_restart_is_killed_and_restarted_again(tmp
     assert_all_gone(logs)
 
 
+def test_a_restarted_proxy_keeps_admin_changes_and_a_new_launch_starts_from_the_topology(tmp_path: Path) -> None:
+    proc, logs, err, port = _serve_proxy_only(tmp_path)
+    admin = f"http://127.0.0.1:{port}/admin/instances"
+    try:
+        urllib.request.urlopen(urllib.request.Request(admin + "/decode-0/drain", method="POST"), timeout=5).close()
+        first = _kill_process(logs, "proxy")
+        _new_pid(logs, "proxy", first)
+        _wait_for_text(proc, err, "proxy is ready again", 60)
+        with urllib.request.urlopen(admin, timeout=5) as r:
+            assert {i["name"]: i["draining"] for i in json.loads(r.read())["instances"]} == {
+                "prefill-0": False, "decode-0": True}
+    finally:
+        _stop_launch(proc, ("--log-dir", str(logs)))
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    proc, logs, err, port = _serve_proxy_only(tmp_path)  # the same log directory, a new launch
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/instances", timeout=5) as r:
+            assert all(not i["draining"] for i in json.loads(r.read())["instances"])
+    finally:
+        _stop_launch(proc, ("--log-dir", str(logs)))
+    assert_all_gone(logs)
+
+
 def test_restart_never_stops_the_launch_at_the_first_death(tmp_path: Path) -> None:
     proc, logs, err, _ = _serve_proxy_only(tmp_path, "--restart", "never")
     try:

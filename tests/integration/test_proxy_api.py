@@ -148,6 +148,8 @@ def test_admin_list_add_drain_remove(make_stack: MakeStack, bg: BackgroundLoop) 
     assert_openai_error(s.client.post("/admin/instances", json={"name": "x", "role": "prefill", "url": d1.url}), 400)
     assert_openai_error(s.client.post("/admin/instances", json={"name": "x", "role": "boss", "url": d1.url}), 400)
     assert_openai_error(s.client.post("/admin/instances", content=b"[]"), 400)
+    bad_url = assert_openai_error(s.client.post("/admin/instances", json={"name": "x", "role": "decode", "url": "x:1"}), 400)
+    assert "url: expected http://host:port, got 'x:1'" in bad_url["message"]
     for _ in range(4):
         assert s.complete().status_code == 200
     assert len(s.decodes[0].requests) == 2 and len(d1.requests) == 2  # round robin over both
@@ -168,7 +170,8 @@ def test_admin_list_add_drain_remove(make_stack: MakeStack, bg: BackgroundLoop) 
 
 def test_admin_unknown_instance_is_404_naming_the_known_ones(make_stack: MakeStack) -> None:
     s = make_stack(prefills=1)
-    for r in (s.client.post("/admin/instances/d9/drain"), s.client.delete("/admin/instances/d9")):
+    for r in (s.client.post("/admin/instances/d9/drain"), s.client.post("/admin/instances/d9/undrain"),
+              s.client.delete("/admin/instances/d9")):
         err = assert_openai_error(r, 404)
         assert err["code"] == "unknown_instance"
         assert "'d9'" in err["message"] and "p0" in err["message"] and "d0" in err["message"]
@@ -245,6 +248,69 @@ def test_cli_proxy_from_flags(bg: BackgroundLoop) -> None:
             proc.kill()
             proc.communicate()
         _stop(bg, p, d)
+
+
+def test_cli_proxy_keeps_admin_changes_across_a_restart_in_its_state_file(bg: BackgroundLoop, tmp_path: Path) -> None:
+    """With --state-file, a drain, an added and a removed instance survive the proxy's
+    restart (as its launcher restarts it); undrain puts an instance back in service."""
+    p, d = _fakes(bg)
+    extra = FakeEngine("d1", "decode")
+    bg.run(extra.start())
+    state = tmp_path / "proxy-state.json"
+    argv = ("-m", "pdfabric.cli", "proxy", "--prefill", f"{p.url}@{p.control}", "--decode", d.url,
+            "--port", "0", "--model", "m", "--state-file", str(state))
+    proc = _spawn(*argv)
+    try:
+        url = _first_line(proc).split()[3]
+        with httpx.Client(base_url=url, timeout=10) as c:
+            assert not state.exists()  # nothing changed yet
+            assert c.post("/admin/instances", json={"name": "d1", "role": "decode", "url": extra.url}).status_code == 201
+            assert c.post("/admin/instances/decode-0/drain").status_code == 200
+        assert _sigterm(proc)[0] == 0
+        saved = json.loads(state.read_text())["instances"]
+        assert [(i["name"], i["draining"]) for i in saved] == [("prefill-0", False), ("decode-0", True), ("d1", False)]
+
+        proc = _spawn(*argv)  # the same command again, as a restart
+        url = _first_line(proc).split()[3]
+        with httpx.Client(base_url=url, timeout=10) as c:
+            listed = {i["name"]: i for i in c.get("/admin/instances").json()["instances"]}
+            assert set(listed) == {"prefill-0", "decode-0", "d1"} and listed["decode-0"]["draining"] is True
+            assert listed["prefill-0"]["control"] == p.control
+            wait_until(lambda: c.get("/health").status_code == 200, what="a healthy decode engine")
+            for _ in range(2):
+                assert c.post("/v1/completions", json={"model": "m", "prompt": "x"}).status_code == 200
+            assert len(d.requests) == 0 and len(extra.requests) == 2  # the drain held
+            assert c.post("/admin/instances/decode-0/undrain").json()["draining"] is False
+            assert c.delete("/admin/instances/d1").status_code == 200
+            assert c.post("/v1/completions", json={"model": "m", "prompt": "x"}).status_code == 200
+            assert len(d.requests) == 1 and len(extra.requests) == 2
+        assert [(i["name"], i["draining"]) for i in json.loads(state.read_text())["instances"]] == [
+            ("prefill-0", False), ("decode-0", False)]
+        rc, err = _sigterm(proc)
+        assert rc == 0 and "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        _stop(bg, p, d, extra)
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("{not json", "not JSON"),
+    ('{"instances": {}}', 'expected {"instances": [...]}'),
+    ('{"instances": [{"name": "d0"}]}', "instances[0]: expected the keys"),
+    ('{"instances": [{"name": "d0", "role": "boss", "url": "http://x:1", "control": null, "draining": false}]}',
+     "instances[0].role: expected prefill, decode or both, got 'boss'"),
+    ('{"instances": [{"name": "d0", "role": "decode", "url": "x:1", "control": null, "draining": false}]}',
+     "instances[0].url: expected an http://host:port URL, got 'x:1'"),
+])
+def test_cli_proxy_refuses_an_unusable_state_file_naming_it(tmp_path: Path, content: str, expected: str) -> None:
+    state = tmp_path / "proxy-state.json"
+    state.write_text(content)
+    r = subprocess.run([sys.executable, "-m", "pdfabric.cli", "proxy", "--decode", "http://127.0.0.1:9", "--port", "0",
+                        "--state-file", str(state)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"--state-file: {state}: " in r.stderr and expected in r.stderr, r.stderr
 
 
 def test_cli_proxy_from_a_topology_file(bg: BackgroundLoop, tmp_path: Path) -> None:

@@ -7,18 +7,22 @@ Load counters are updated by the request path (single event loop: no locks).
 With a state file (``pdfabric proxy --state-file``), what the admin API changed - instances
 added, drained, resumed, removed - is written there after each change, and a proxy
 started again with the same file begins from it instead of its topology: a proxy restarted
-by its launcher keeps an operator's drain.
+by its launcher keeps an operator's drain. The file records a digest of the instances the
+proxy was started with (``basis_of``); a proxy started with other ones (an edited topology,
+other flags) does not use it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Instance", "Registry", "UnknownInstance", "load_state", "save_state"]
+__all__ = ["Instance", "Registry", "UnknownInstance", "basis_of", "load_state", "save_state", "url_problem"]
 
 Role = Literal["prefill", "decode", "both"]
 
@@ -95,18 +99,38 @@ class Registry:
 _STATE_KEYS = ("name", "role", "url", "control", "draining")
 
 
-def save_state(path: Path, registry: Registry) -> None:
-    """Write the instances as the admin API left them, atomically (a crash mid-write leaves
-    the previous file)."""
-    doc = {"instances": [{k: getattr(i, k) for k in _STATE_KEYS} for i in registry.all()]}
+def url_problem(url: object) -> str | None:
+    """What is wrong with an instance's base URL (None: nothing)."""
+    if not isinstance(url, str):
+        return f"expected an http://host:port URL, got {url!r}"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected an http://host:port URL, got {url!r}"
+    return None
+
+
+def basis_of(instances: list[Instance]) -> str:
+    """A digest of the instances a proxy was started with (its topology and flags): a state
+    file saved from other ones is not used."""
+    rows = sorted((i.name, i.role, i.url, i.control or "") for i in instances)
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def save_state(path: Path, registry: Registry, basis: str) -> None:
+    """Write the instances as the admin API left them, atomically and durably (a crash or a
+    power loss mid-write leaves the previous file)."""
+    doc = {"basis": basis, "instances": [{k: getattr(i, k) for k in _STATE_KEYS} for i in registry.all()]}
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(doc, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def load_state(path: Path) -> list[Instance] | None:
-    """The instances a state file holds; None when there is no file. ``ValueError`` naming
-    the file and the entry when it cannot be used."""
+def load_state(path: Path) -> tuple[str, list[Instance]] | None:
+    """(the basis it was saved from, its instances); None when there is no file.
+    ``ValueError`` naming the entry when it cannot be used."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -114,14 +138,12 @@ def load_state(path: Path) -> list[Instance] | None:
     try:
         doc = json.loads(text)
     except ValueError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
+        raise ValueError(f"not JSON ({e})") from None
     entries = doc.get("instances") if isinstance(doc, dict) else None
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected {{\"instances\": [...]}}")
-    out: list[Instance] = []
-    for n, e in enumerate(entries):
-        out.append(_instance_of(e, f"{path}: instances[{n}]"))
-    return out
+    if not isinstance(entries, list) or not isinstance(doc.get("basis"), str):
+        raise ValueError('expected {"basis": "...", "instances": [...]}')
+    out = [_instance_of(e, f"instances[{n}]") for n, e in enumerate(entries)]
+    return doc["basis"], out
 
 
 def _instance_of(e: Any, where: str) -> Instance:
@@ -131,8 +153,8 @@ def _instance_of(e: Any, where: str) -> Instance:
         raise ValueError(f"{where}.name: expected a non-empty string, got {e['name']!r}")
     if e["role"] not in ("prefill", "decode", "both"):
         raise ValueError(f"{where}.role: expected prefill, decode or both, got {e['role']!r}")
-    if not isinstance(e["url"], str) or not e["url"].startswith(("http://", "https://")):
-        raise ValueError(f"{where}.url: expected an http://host:port URL, got {e['url']!r}")
+    if (problem := url_problem(e["url"])) is not None:
+        raise ValueError(f"{where}.url: {problem}")
     if e["control"] is not None and not isinstance(e["control"], str):
         raise ValueError(f"{where}.control: expected host:port or null, got {e['control']!r}")
     if not isinstance(e["draining"], bool):

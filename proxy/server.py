@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
 
-from pdfabric.proxy.instances import Instance, Registry, UnknownInstance, save_state
+from pdfabric.proxy.instances import Instance, Registry, UnknownInstance, save_state, url_problem
 from pdfabric.proxy.legs import CHAT, COMPLETIONS, FORWARDED, MESSAGES, RESPONSES, Upstream, decode_json
 from pdfabric.proxy.policy import Router, chunk_hashes, estimate_tokens
 
@@ -65,6 +65,7 @@ class ProxySettings:
     cache_local_tokens: int = 256
     cache_timeout_s: float = 0.2
     state_file: str | None = None  # where admin changes are kept (instances.save_state); None: nowhere
+    state_basis: str = ""  # instances.basis_of the instances it was started with
 
 
 class HTTPProblem(Exception):
@@ -240,8 +241,8 @@ class Proxy:
         control = body.get("control")
         if role != "decode" and not isinstance(control, str):
             raise HTTPProblem(400, f"a {role} instance needs 'control' (host:port of its connector)")
-        if not url.startswith(("http://", "https://")):
-            raise HTTPProblem(400, f"url: expected http://host:port, got {url!r}")
+        if (problem := url_problem(url.rstrip("/"))) is not None:
+            raise HTTPProblem(400, f"url: {problem}")
         try:
             self.registry.add(Instance(name, role, url.rstrip("/"), control if isinstance(control, str) else None))
         except ValueError as e:
@@ -280,7 +281,7 @@ class Proxy:
         if self.settings.state_file is None:
             return
         try:
-            save_state(Path(self.settings.state_file), self.registry)
+            save_state(Path(self.settings.state_file), self.registry, self.settings.state_basis)
         except OSError as e:
             log.error("pdfabric proxy: cannot write the state file %s (%s); a restarted proxy would "
                       "start from its topology", self.settings.state_file, e)

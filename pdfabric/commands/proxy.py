@@ -114,23 +114,36 @@ def settings_and_registry(args: argparse.Namespace) -> tuple[Any, Any]:
     except ValueError as e:  # a flag's prefill-N / decode-N also named in the topology
         raise ConfigError(f"{e}: --prefill/--decode instances are named prefill-N/decode-N") from None
     if args.state_file:
-        base["state_file"] = str(Path(args.state_file).resolve())
-        registry = _saved_registry(Path(args.state_file)) or registry
+        from pdfabric.proxy.instances import basis_of
+
+        basis = basis_of(instances)
+        base.update(state_file=str(Path(args.state_file).resolve()), state_basis=basis)
+        registry = _saved_registry(Path(args.state_file), basis) or registry
     return ProxySettings(**base), registry
 
 
-def _saved_registry(path: Path) -> Any:
-    """The registry an earlier run of this proxy left in its state file, else None."""
-    from pdfabric.errors import ConfigError
+def _saved_registry(path: Path, basis: str) -> Any:
+    """The registry an earlier run of this proxy left in its state file; None (and why, on
+    stderr) when there is none it can use: the proxy then starts from its topology and flags
+    rather than not at all (its launcher would restart it into the same file)."""
     from pdfabric.proxy.instances import Registry, load_state
 
     try:
         saved = load_state(path)
-        return None if saved is None else Registry(saved)
-    except ValueError as e:
-        raise ConfigError(f"{e}", path="--state-file") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}", path="--state-file") from None
+        if saved is None:
+            return None
+        if saved[0] != basis:
+            print(f"pdfabric proxy: --state-file {path} was saved by a proxy started with other instances "
+                  "(the topology or flags changed); starting from the instances given", file=sys.stderr)
+            return None
+        registry = Registry(saved[1])
+    except (ValueError, OSError) as e:
+        why = f"cannot read it: {e.strerror}" if isinstance(e, OSError) else str(e)
+        print(f"pdfabric proxy: error: --state-file {path}: {why}; starting from the instances given",
+              file=sys.stderr)
+        return None
+    print(f"pdfabric proxy: instances as an earlier run's admin changes left them, from {path}", file=sys.stderr)
+    return registry
 
 
 def _topology_cache(topo: Any) -> dict[str, Any]:

@@ -39,6 +39,12 @@ def live_record(log_dir: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(record, dict) or pid <= 0:
         return None
+    if proc_start(os.getpid()) is None:  # no /proc here: whether the pid exists is all we can ask
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return None
+        return record
     start = proc_start(pid)
     if start is None:
         return None

@@ -14,7 +14,8 @@ killed first (a vLLM engine's core process outlives its API server), then it sta
 with the same command after a back-off (1 s, doubling, at most 30 s), its log appended to.
 One that is not ready again within the launch's timeout after a restart is killed and
 counts as another end. A process that ends more than ``max_restarts`` times within
-``RESTART_WINDOW_S`` stops the launch; so does any end with policy ``never``.
+``RESTART_WINDOW_S``, or more than ``max_restarts`` times in a row without serving in
+between, stops the launch; so does any end with policy ``never``.
 """
 
 from __future__ import annotations
@@ -172,7 +173,9 @@ class Runner:
         code = p.popen.poll()
         if code is None:
             if p.state == "restarting":
-                if _healthy(p.spec.ready_url):
+                # ready again once it serves: a restarted proxy's /health may wait for a decode
+                # engine an operator drained (its admin changes are kept), so /live for it
+                if _healthy(p.live_url):
                     p.state, p.ready_after = "ready", now - p.started
                     self.console.print(f"{escape(p.spec.name)} is ready again after {p.ready_after:.0f}s")
                     return None
@@ -190,12 +193,17 @@ class Runner:
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.popen.wait(5)  # reaped (a hung one was killed just now)
         now = time.monotonic()  # the back-off runs from here (the kill may have taken seconds)
-        p.exits = [t for t in p.exits if now - t < RESTART_WINDOW_S] + [now]
+        # ends older than the window are forgotten only once it served again since: restarts
+        # that never get ready (each one --timeout apart) add up to --max-restarts too
+        in_a_row = p.state == "restarting"
+        recent = p.exits if in_a_row else [t for t in p.exits if now - t < RESTART_WINDOW_S]
+        p.exits = [*recent, now]
         if policy == "never":
             return what
         if len(p.exits) > max_restarts:
-            return (f"{what}; it ended {len(p.exits)} times within {RESTART_WINDOW_S / 60:g} minutes, "
-                    f"more than --max-restarts {max_restarts}")
+            when = "in a row without serving" if now - p.exits[0] >= RESTART_WINDOW_S else \
+                f"within {RESTART_WINDOW_S / 60:g} minutes"
+            return f"{what}; it ended {len(p.exits)} times {when}, more than --max-restarts {max_restarts}"
         delay = min(_BACKOFF_MAX_S, 2.0 ** (len(p.exits) - 1))
         p.state, p.restart_at = "backoff", now + delay
         self.console.print(f"[yellow]{escape(what)}[/]; restarting it in {delay:g}s "

@@ -148,8 +148,9 @@ def test_admin_list_add_drain_remove(make_stack: MakeStack, bg: BackgroundLoop) 
     assert_openai_error(s.client.post("/admin/instances", json={"name": "x", "role": "prefill", "url": d1.url}), 400)
     assert_openai_error(s.client.post("/admin/instances", json={"name": "x", "role": "boss", "url": d1.url}), 400)
     assert_openai_error(s.client.post("/admin/instances", content=b"[]"), 400)
-    bad_url = assert_openai_error(s.client.post("/admin/instances", json={"name": "x", "role": "decode", "url": "x:1"}), 400)
-    assert "url: expected http://host:port, got 'x:1'" in bad_url["message"]
+    for url in ("x:1", "http://", "ftp://h:1"):
+        bad = assert_openai_error(s.client.post("/admin/instances", json={"name": "x", "role": "decode", "url": url}), 400)
+        assert "url: expected an http://host:port URL" in bad["message"], bad
     for _ in range(4):
         assert s.complete().status_code == 200
     assert len(s.decodes[0].requests) == 2 and len(d1.requests) == 2  # round robin over both
@@ -288,6 +289,7 @@ def test_cli_proxy_keeps_admin_changes_across_a_restart_in_its_state_file(bg: Ba
             ("prefill-0", False), ("decode-0", False)]
         rc, err = _sigterm(proc)
         assert rc == 0 and "Traceback" not in err, err
+        assert f"instances as an earlier run's admin changes left them, from {state}" in err, err
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -295,22 +297,43 @@ def test_cli_proxy_keeps_admin_changes_across_a_restart_in_its_state_file(bg: Ba
         _stop(bg, p, d, extra)
 
 
+_ENTRY = {"name": "d0", "role": "decode", "url": "http://127.0.0.1:9", "control": None, "draining": True}
+
+
 @pytest.mark.parametrize(("content", "expected"), [
     ("{not json", "not JSON"),
-    ('{"instances": {}}', 'expected {"instances": [...]}'),
-    ('{"instances": [{"name": "d0"}]}', "instances[0]: expected the keys"),
-    ('{"instances": [{"name": "d0", "role": "boss", "url": "http://x:1", "control": null, "draining": false}]}',
+    ('{"basis": "x", "instances": {}}', 'expected {"basis": "...", "instances": [...]}'),
+    (json.dumps({"basis": "B", "instances": [{"name": "d0"}]}), "instances[0]: expected the keys"),
+    (json.dumps({"basis": "B", "instances": [{**_ENTRY, "role": "boss"}]}),
      "instances[0].role: expected prefill, decode or both, got 'boss'"),
-    ('{"instances": [{"name": "d0", "role": "decode", "url": "x:1", "control": null, "draining": false}]}',
-     "instances[0].url: expected an http://host:port URL, got 'x:1'"),
+    (json.dumps({"basis": "B", "instances": [{**_ENTRY, "url": "http:"}]}),
+     "instances[0].url: expected an http://host:port URL, got 'http:'"),
+    (json.dumps({"basis": "B", "instances": [_ENTRY, _ENTRY]}), "instance 'd0' already exists"),
+    (json.dumps({"basis": "other", "instances": [_ENTRY]}), "was saved by a proxy started with other instances"),
 ])
-def test_cli_proxy_refuses_an_unusable_state_file_naming_it(tmp_path: Path, content: str, expected: str) -> None:
+def test_cli_proxy_with_a_state_file_it_cannot_use_starts_from_its_flags(tmp_path: Path, content: str,
+                                                                         expected: str) -> None:
+    """The state file is the proxy's own; one it cannot use (damaged, or saved for other
+    instances) is reported and the proxy starts from the instances it was given - exiting
+    would only have its launcher restart it into the same file."""
+    from pdfabric.proxy.instances import Instance, basis_of
+
     state = tmp_path / "proxy-state.json"
-    state.write_text(content)
-    r = subprocess.run([sys.executable, "-m", "pdfabric.cli", "proxy", "--decode", "http://127.0.0.1:9", "--port", "0",
-                        "--state-file", str(state)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert f"--state-file: {state}: " in r.stderr and expected in r.stderr, r.stderr
+    state.write_text(content.replace('"B"', json.dumps(basis_of([Instance("decode-0", "decode", "http://127.0.0.1:9")]))))
+    proc = _spawn("-m", "pdfabric.cli", "proxy", "--decode", "http://127.0.0.1:9", "--port", "0",
+                  "--state-file", str(state))
+    try:
+        url = _first_line(proc).split()[3]
+        with httpx.Client(base_url=url, timeout=10) as c:
+            listed = c.get("/admin/instances").json()["instances"]
+            assert [(i["name"], i["draining"]) for i in listed] == [("decode-0", False)]
+        rc, err = _sigterm(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert rc == 0 and "Traceback" not in err, err
+    assert expected in err and str(state) in err, err
 
 
 def test_cli_proxy_from_a_topology_file(bg: BackgroundLoop, tmp_path: Path) -> None:

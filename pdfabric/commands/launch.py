@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from pdfabric.launch.plan import build_plan, detect_platform, select_processes
 
     console = Console(stderr=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 160  # piped or logged: do not squeeze the tables to 80 columns
     try:
         file, builtin = topology_path(args.file)
         # a built-in topology runs from a copy in the log directory: the processes read it

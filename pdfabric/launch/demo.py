@@ -152,7 +152,11 @@ def _table(rows: list[DemoRow], cache: bool = False) -> Table:
         first = None if r.kv_wait_s is None else max(0.0, r.ttft_s - r.kv_wait_s)
         cells = [escape(r.question), escape(r.answer[:60]), _ms(r.ttft_s), _ms(r.kv_wait_s), _ms(r.push_s), gbps, _ms(first), _ms(r.total_s)]
         t.add_row(*cells, *([str(r.cached_tokens if r.cached_tokens is not None else "-")] if cache else []))
+    notes = ["kv wait: the decode engine's wait for the prompt's KV (the prefill engine computing it, then the "
+             "push). The first question computes the whole document; later ones reuse the prefill engine's prefix "
+             "cache, and only the blocks the decode engine does not hold yet are pushed"]
     if cache:
-        t.caption = ("cached tokens: leading prompt tokens the shared cache holds; a question whose rest is short "
+        notes.append("cached tokens: leading prompt tokens the shared cache holds; a question whose rest is short "
                      "is served by the decode engine alone (no push)")
+    t.caption = "\n".join(notes)
     return t

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Instance", "Registry", "UnknownInstance", "basis_of", "load_state", "save_state", "url_problem"]
+__all__ = ["Instance", "Registry", "UnknownInstance", "basis_of", "host_port_problem", "load_state", "save_state",
+           "url_problem"]
 
 Role = Literal["prefill", "decode", "both"]
 
@@ -104,8 +105,20 @@ def url_problem(url: object) -> str | None:
     if not isinstance(url, str):
         return f"expected an http://host:port URL, got {url!r}"
     parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError:
+        return f"expected an http://host:port URL with a port 1-65535, got {url!r}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"expected an http://host:port URL, got {url!r}"
+    return None
+
+
+def host_port_problem(addr: object) -> str | None:
+    """What is wrong with a ``host:port`` (a connector's control endpoint; None: nothing)."""
+    host, sep, port = addr.rpartition(":") if isinstance(addr, str) else ("", "", "")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+        return f"expected host:port with a port 1-65535, got {addr!r}"
     return None
 
 

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
 
-from pdfabric.proxy.instances import Instance, Registry, UnknownInstance, save_state, url_problem
+from pdfabric.proxy.instances import Instance, Registry, UnknownInstance, host_port_problem, save_state, url_problem
 from pdfabric.proxy.legs import CHAT, COMPLETIONS, FORWARDED, MESSAGES, RESPONSES, Upstream, decode_json
 from pdfabric.proxy.policy import Router, chunk_hashes, estimate_tokens
 
@@ -159,6 +161,11 @@ class Proxy:
         try:
             if request.path.startswith(("/v1/", "/admin/")) or request.path in _ONE_ENGINE:
                 self._check_key(request)
+            if request.path.startswith("/admin/") and not self.settings.api_keys and not _loopback(request.remote):
+                # without API keys nothing says who may change the routing: only this host may
+                raise HTTPProblem(403, "the admin API answers only clients on this host when the proxy has no "
+                                       "api_keys; set proxy.api_keys (or --api-key-env) to use it remotely",
+                                  "permission_error")
             return await handler(request)
         except HTTPProblem as p:
             self.stats.counters[f"errors_{p.status}"] += 1
@@ -235,20 +242,14 @@ class Proxy:
 
     async def _admin_add(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
-        name, role, url = body.get("name"), body.get("role"), body.get("url")
-        if not isinstance(name, str) or not name or role not in ("prefill", "decode", "both") or not isinstance(url, str):
-            raise HTTPProblem(400, "expected {name: str, role: prefill|decode|both, url: http://host:port, control: host:port}")
-        control = body.get("control")
-        if role != "decode" and not isinstance(control, str):
-            raise HTTPProblem(400, f"a {role} instance needs 'control' (host:port of its connector)")
-        if (problem := url_problem(url.rstrip("/"))) is not None:
-            raise HTTPProblem(400, f"url: {problem}")
+        inst = _new_instance(body)
         try:
-            self.registry.add(Instance(name, role, url.rstrip("/"), control if isinstance(control, str) else None))
+            self.registry.add(inst)
         except ValueError as e:
             raise HTTPProblem(409, str(e)) from None
         self._changed()
-        return web.json_response(self.registry.get(name).as_dict(), status=201)
+        await self._probe(inst)  # its health as the answer says it, not assumed
+        return web.json_response(inst.as_dict(), status=201)
 
     def _instance(self, request: web.Request) -> Instance:
         name = request.match_info["name"]
@@ -299,8 +300,10 @@ class Proxy:
         try:
             async with self.upstream.session.get(inst.url + "/health", timeout=_PROBE_TIMEOUT) as resp:
                 ok = resp.status == 200
+                if not ok:
+                    inst.last_error = f"health check: {inst.url}/health answered HTTP {resp.status}"
         except Exception as e:
-            ok, inst.last_error = False, f"health check: {e!r}"
+            ok, inst.last_error = False, f"health check: {_unreachable(inst.url, e)}"
         if ok != inst.healthy:
             log.warning("pdfabric proxy: instance %s is %s", inst.name, "up" if ok else f"down ({inst.last_error})")
         inst.healthy = ok
@@ -426,6 +429,55 @@ def _prompt_of(body: dict[str, Any], path: str) -> Any:
         # item, so its text counts (the JSON around it makes the estimate a little high)
         parts.append(c if isinstance(c, str) else json.dumps(m))
     return "\n".join(parts)
+
+
+_ADMIN_KEYS = {"name", "role", "url", "control"}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _new_instance(body: dict[str, Any]) -> Instance:
+    """An instance from ``POST /admin/instances``; HTTPProblem 400 naming the field that is wrong."""
+    expected = "expected {name, role: prefill|decode|both, url: http://host:port, control: host:port}"
+    unknown = sorted(set(body) - _ADMIN_KEYS)
+    if unknown:
+        raise HTTPProblem(400, f"unknown field(s) {unknown}; {expected}")
+    name, role, url, control = body.get("name"), body.get("role"), body.get("url"), body.get("control")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise HTTPProblem(400, f"name: expected letters, digits, '_', '.' or '-' (at most 63), got {name!r}")
+    if role not in ("prefill", "decode", "both"):
+        raise HTTPProblem(400, f"role: expected prefill, decode or both, got {role!r}")
+    url = url.rstrip("/") if isinstance(url, str) else url
+    if (problem := url_problem(url)) is not None:
+        raise HTTPProblem(400, f"url: {problem}")
+    if role != "decode" and control is None:
+        raise HTTPProblem(400, f"control: a {role} instance needs its connector's control endpoint (host:port)")
+    if control is not None and (problem := host_port_problem(control)) is not None:
+        raise HTTPProblem(400, f"control: {problem}")
+    return Instance(name, role, url, control)
+
+
+def _loopback(remote: str | None) -> bool:
+    """Whether a client's address is this host's loopback (IPv4, IPv6, IPv4-mapped IPv6)."""
+    if not remote:
+        return True  # no peer address: a Unix socket or an in-process test client
+    try:
+        addr = ipaddress.ip_address(remote.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def _unreachable(url: str, e: BaseException) -> str:
+    """Why an engine's health endpoint did not answer, in words (not an aiohttp repr)."""
+    import aiohttp
+
+    if isinstance(e, asyncio.TimeoutError):
+        return f"{url}/health did not answer within {_PROBE_TIMEOUT.total:g}s"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return f"cannot connect to {e.host}:{e.port}: {e.os_error.strerror or e.os_error}"
+    return f"{url}/health: {type(e).__name__}: {e}" if str(e) else f"{url}/health: {type(e).__name__}"
 
 
 def _probe_timeout() -> Any:

@@ -112,7 +112,8 @@ def settings_and_registry(args: argparse.Namespace) -> tuple[Any, Any]:
     try:
         registry = Registry(instances)
     except ValueError as e:  # a flag's prefill-N / decode-N also named in the topology
-        raise ConfigError(f"{e}: --prefill/--decode instances are named prefill-N/decode-N") from None
+        raise ConfigError(f"{e} in {args.topology}: --prefill/--decode instances are named prefill-N/decode-N "
+                          "and must not take a name the topology uses") from None
     if args.state_file:
         from pdfabric.proxy.instances import basis_of
 
@@ -210,6 +211,7 @@ async def _serve(settings: Any, registry: Any) -> int:
     try:
         port = await proxy.start()
     except OSError as e:
+        await proxy.stop()  # its engine client session was opened before the listen failed
         print(f"error: cannot listen on {settings.host}:{settings.port}: {e}", file=sys.stderr)
         return 2
     names = ", ".join(f"{i.name} ({i.role})" for i in registry.all())

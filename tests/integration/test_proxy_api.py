@@ -169,6 +169,30 @@ def test_admin_list_add_drain_remove(make_stack: MakeStack, bg: BackgroundLoop) 
     assert len(d1.requests) == 5
 
 
+def test_an_added_instance_is_checked_before_it_counts_as_healthy() -> None:
+    """Added through the admin API, an engine that does not answer is down at once: the
+    proxy's /health does not turn 200 for an engine it never reached."""
+    dead = free_port()
+    proc = _spawn("-m", "pdfabric.cli", "proxy", "--decode", f"http://127.0.0.1:{dead}", "--port", "0",
+                  "--model", "m", "--health-interval", "0.2")
+    try:
+        url = _first_line(proc).split()[3]
+        with httpx.Client(base_url=url, timeout=10) as c:
+            wait_until(lambda: c.get("/health").status_code == 503, what="decode-0 seen down")
+            r = c.post("/admin/instances", json={"name": "dq", "role": "decode", "url": f"http://127.0.0.1:{dead}"})
+            assert r.status_code == 201 and r.json()["healthy"] is False, r.text
+            assert r.json()["last_error"].startswith(f"health check: cannot connect to 127.0.0.1:{dead}: "), r.text
+            assert c.get("/health").status_code == 503
+            listed = c.get("/admin/instances").json()["instances"]
+            assert "ClientConnectorError" not in listed[0]["last_error"] and str(dead) in listed[0]["last_error"]
+        rc, err = _sigterm(proc)
+        assert rc == 0 and "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def test_admin_unknown_instance_is_404_naming_the_known_ones(make_stack: MakeStack) -> None:
     s = make_stack(prefills=1)
     for r in (s.client.post("/admin/instances/d9/drain"), s.client.post("/admin/instances/d9/undrain"),
@@ -387,7 +411,7 @@ proxy:
     (["--decode", "127.0.0.1:8200"], "--decode expects an http://host:port URL"),
     (["--topology", "/nonexistent/topo.yaml"], "no such file"),
     (["--topology", "configs/cpu-1p1d-tcp.yaml", "--prefill", "http://127.0.0.1:1@127.0.0.1:2"],
-     "instance 'prefill-0' already exists"),
+     "instance 'prefill-0' already exists in configs/cpu-1p1d-tcp.yaml"),
 ], ids=["prefill-notaurl", "no-decode", "decode-no-scheme", "no-topology", "name-clash"])
 def test_cli_proxy_bad_flags_exit_2(args: list[str], needle: str) -> None:
     root = Path(__file__).resolve().parents[2]
@@ -395,6 +419,17 @@ def test_cli_proxy_bad_flags_exit_2(args: list[str], needle: str) -> None:
                        timeout=60, cwd=root, check=False)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_proxy_on_a_busy_port_exits_2_and_leaves_nothing_open() -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "pdfabric.cli", "proxy", "--decode", "http://127.0.0.1:9",
+                            "--port", str(port)], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "Unclosed" not in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_fake_engine_as_a_child_process() -> None:

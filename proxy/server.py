@@ -161,10 +161,11 @@ class Proxy:
         try:
             if request.path.startswith(("/v1/", "/admin/")) or request.path in _ONE_ENGINE:
                 self._check_key(request)
-            if request.path.startswith("/admin/") and not self.settings.api_keys and not _loopback(request.remote):
+            if (request.path.startswith("/admin/") and request.method != "GET" and not self.settings.api_keys
+                    and not _loopback(request.remote)):
                 # without API keys nothing says who may change the routing: only this host may
-                raise HTTPProblem(403, "the admin API answers only clients on this host when the proxy has no "
-                                       "api_keys; set proxy.api_keys (or --api-key-env) to use it remotely",
+                raise HTTPProblem(403, "the admin API takes changes only from clients on this host when the proxy "
+                                       "has no api_keys; set proxy.api_keys (or --api-key-env) to use it remotely",
                                   "permission_error")
             return await handler(request)
         except HTTPProblem as p:

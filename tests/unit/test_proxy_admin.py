@@ -24,10 +24,10 @@ def test_loopback_clients(remote: str | None, local: bool) -> None:
     assert _loopback(remote) is local
 
 
-def _request(path: str, remote: str, headers: dict[str, str] | None = None) -> web.Request:
+def _request(path: str, remote: str, headers: dict[str, str] | None = None, method: str = "POST") -> web.Request:
     transport = mock.Mock()
     transport.get_extra_info.side_effect = lambda name, default=None: (remote, 40000) if name == "peername" else default
-    return make_mocked_request("POST", path, headers=headers or {}, transport=transport)
+    return make_mocked_request(method, path, headers=headers or {}, transport=transport)
 
 
 def _call(proxy: Proxy, request: web.Request) -> web.StreamResponse:
@@ -40,7 +40,9 @@ def _call(proxy: Proxy, request: web.Request) -> web.StreamResponse:
 def test_without_api_keys_the_admin_api_answers_only_this_host() -> None:
     proxy = Proxy(ProxySettings(host="0.0.0.0"), Registry())
     far = _call(proxy, _request("/admin/instances/d0/drain", "10.1.2.3"))
-    assert far.status == 403 and b"only clients on this host" in far.body  # type: ignore[attr-defined]
+    assert far.status == 403 and b"only from clients on this host" in far.body  # type: ignore[attr-defined]
+    assert _call(proxy, _request("/admin/instances", "10.1.2.3", method="DELETE")).status == 403
+    assert _call(proxy, _request("/admin/instances", "10.1.2.3", method="GET")).status == 200  # listing: status
     assert _call(proxy, _request("/admin/instances/d0/drain", "127.0.0.1")).status == 200
     assert _call(proxy, _request("/v1/completions", "10.1.2.3")).status == 200  # serving is not admin
 

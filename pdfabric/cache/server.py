@@ -123,6 +123,7 @@ class CacheService:
         # greeted connections; one silent for forget_idle_s (and holding no lease) is
         # forgotten: its next request is refused as not greeted, and its client says Hello again
         self._conns: dict[bytes, _Conn] = {}
+        self._disk_locks: dict[int, int] = {}  # tier index -> fd holding its directory's lock until built
         self._names: tuple[str, ...] = ()  # their clients' names; replaced whole (read by HTTP)
         # (fingerprint, chunk_tokens) of unsalted clients, most recent first; replaced whole,
         # so the HTTP thread reads it without the lock
@@ -139,18 +140,28 @@ class CacheService:
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
+        """Check the tiers' directories, bind both ports, start the loops. ``ConfigError``
+        for a tier that cannot work (the cache is built at the first hello, too late to
+        say so), ``OSError`` naming the port that cannot be bound."""
+        self._check_disk_tiers()
         remove_stale_arenas(self.shm_dir)
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        if self.port == 0:
-            self.port = self._sock.bind_to_random_port(f"tcp://{self.host}")
-        else:
-            self._sock.bind(f"tcp://{self.host}:{self.port}")
+        try:
+            if self.port == 0:
+                self.port = self._sock.bind_to_random_port(f"tcp://{self.host}")
+            else:
+                self._sock.bind(f"tcp://{self.host}:{self.port}")
+        except zmq.ZMQError as e:
+            raise OSError(e.errno, f"cannot listen on {self.host}:{self.port} (engines): {e.strerror}") from None
         self._thread = threading.Thread(target=self._loop, name="pdfabric-cache-server", daemon=True)
         self._thread.start()
         if self.http_port is not None:
-            self._http = ThreadingHTTPServer((self.host, self.http_port), _handler(self))
+            try:
+                self._http = ThreadingHTTPServer((self.host, self.http_port), _handler(self))
+            except OSError as e:
+                raise OSError(e.errno, f"cannot listen on {self.host}:{self.http_port} (HTTP): {e.strerror}") from None
             self._http.daemon_threads = True
             self.http_port = int(self._http.server_address[1])
             self._http_thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.2},
@@ -168,6 +179,9 @@ class CacheService:
             self._sock.close(0)
         self._ctx.term()
         with self._lock:
+            for fd in self._disk_locks.values():
+                os.close(fd)
+            self._disk_locks.clear()
             for lease in list(self._leases.values()):
                 self._end(lease, commit=False)
             self._leases.clear()
@@ -181,14 +195,44 @@ class CacheService:
                     pass
                 self.arena.path.unlink(missing_ok=True)
 
+    def _tier_path(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else Path(self.base_dir or os.getcwd()) / path
+
+    def _check_disk_tiers(self) -> None:
+        """Each disk tier's directory exists (made now) and no other process owns it; its
+        lock is held from now on (handed to the tier when the first hello builds it)."""
+        import fcntl
+
+        from pdfabric.errors import ConfigError
+
+        for i, spec in enumerate(self.config.tiers):
+            if spec.kind != "disk":
+                continue
+            where, root = f"cache.tiers[{i}].path", self._tier_path(spec.path)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise ConfigError(f"the disk tier cannot use {root}: {e.strerror or e}", path=where) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise ConfigError(f"{root} is in use by another cache (it holds {root}/.lock); give each cache "
+                                  "server its own directory", path=where) from None
+            self._disk_locks[i] = fd
+
     # -- the cache, once the chunk size is known ------------------------------------------
     def _build(self, chunk_bytes: int) -> None:
         from pdfabric.cache.memory_tier import MemoryTier
         from pdfabric.cache.tiered import TieredCache, build_tier
         from pdfabric.config.secrets import resolve_secret
 
-        base = Path(self.base_dir or os.getcwd())
         tiers: list[Any] = []
+        for fd in self._disk_locks.values():  # the disk tiers take their locks themselves now
+            os.close(fd)
+        self._disk_locks.clear()
         for i, spec in enumerate(self.config.tiers):
             if spec.kind == "memory":
                 size = MemoryTier.arena_bytes_for(spec.size, chunk_bytes)
@@ -196,9 +240,8 @@ class CacheService:
                 tiers.append(MemoryTier(spec.size, chunk_bytes, name="memory", arena=self.arena.array))
             else:
                 tiers.append(build_tier(
-                    spec, chunk_bytes, f"cache.tiers[{i}]",
-                    lambda p: (base / Path(p).expanduser()) if not Path(p).expanduser().is_absolute() else Path(p),
-                    lambda ref, where: resolve_secret(ref, path=where, base_dir=str(base))))
+                    spec, chunk_bytes, f"cache.tiers[{i}]", self._tier_path,
+                    lambda ref, where: resolve_secret(ref, path=where, base_dir=str(self.base_dir or os.getcwd()))))
         if self.arena is None:
             raise ValueError("the cache server needs a memory tier (L1): engines read and write through it")
         self.cache = TieredCache(tiers)

@@ -102,6 +102,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str
             raise ConfigError(f"must be a positive number of seconds, got {opts[key]}", path=name)
     if opts["http_port"] is None:
         opts["http_port"] = opts["port"] + 1 if opts["port"] else 0
+    for key, name in (("port", "--port"), ("http_port", "--http-port")):
+        if not 0 <= opts[key] <= 65535:
+            why = " (port + 1; give --http-port)" if key == "http_port" and args.http_port is None else ""
+            raise ConfigError(f"expected a port 0-65535, got {opts[key]}{why}", path=name)
     return config, opts, base
 
 
@@ -132,8 +136,15 @@ def run(args: argparse.Namespace) -> int:
     svc = CacheService(config, base_dir=base, **opts)
     try:
         svc.start()
-    except Exception as e:  # a port in use, /dev/shm missing
-        print(f"error: cannot start the cache server on {opts['host']}:{opts['port']}: {e}", file=sys.stderr)
+    except ConfigError as e:  # a disk tier's directory unusable or taken
+        msg = str(e)
+        if not args.topology and e.path:  # the tiers came from flags: name the flag
+            msg = msg.replace(f"{e.path}: ", "--disk: ", 1)
+        print(f"error: {msg}", file=sys.stderr)
+        svc.stop()
+        return 2
+    except OSError as e:  # a port in use (the message names which), /dev/shm missing
+        print(f"error: cannot start the cache server: {e.strerror or e}", file=sys.stderr)
         svc.stop()
         return 2
     kinds = " -> ".join(t.kind for t in config.tiers)

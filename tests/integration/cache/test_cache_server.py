@@ -198,14 +198,17 @@ def test_a_restarted_server_finds_its_disk_tier_and_clients_reconnect(tmp_path: 
     c = RemoteCacheClient(s.address, CHUNK, retry_after_s=0.2)
     try:
         fill(c, [1, 2])
+        c.timeout_s = 5.0  # the first call to the restarted server waits for its connection (~0.5 s here)
         deadline = time.monotonic() + 10  # write-behind reaches the disk tier
         while disk_entries(s) < 2:
             assert time.monotonic() < deadline, s.get("/admin/stats")
             time.sleep(0.1)
         s.stop()
         t0 = time.monotonic()
+        c.timeout_s = 0.5
         assert c.lookup([key(1)]) == 0  # down: a miss, quickly
         assert time.monotonic() - t0 < 1.5 and c.counters["errors"] >= 1
+        c.timeout_s = 5.0
         s.start()
         time.sleep(0.3)  # past retry_after_s
         assert c.lookup([key(1), key(2)]) == 2  # L1 is new; L2 kept them
@@ -365,6 +368,39 @@ def test_health_lists_the_keyings_engines_said_most_recent_first(server: Server)
     finally:
         for c in clients:
             c.close()
+
+
+def test_a_disk_tier_that_cannot_work_is_refused_at_start(tmp_path: Path) -> None:
+    """Tiers are built at the first engine's hello; what makes a disk tier fail is checked
+    when the server starts, so it does not run on and fail every engine."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = subprocess.run([sys.executable, "-m", "pdfabric.cli", "cache-server", "--memory", "8MiB", "--disk", str(afile)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: --disk: the disk tier cannot use {afile}"), r.stderr
+    s = Server(tmp_path).start()  # owns tmp_path / "l2" until stopped
+    try:
+        assert (tmp_path / "l2").is_dir()  # made at start, not at the first hello
+        r = subprocess.run([sys.executable, "-m", "pdfabric.cli", "cache-server", "--memory", "8MiB",
+                            "--disk", str(tmp_path / "l2"), "--port", "0"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and "is in use by another cache" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        s.stop()
+
+
+def test_a_port_that_cannot_be_bound_is_named(tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        taken = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "pdfabric.cli", "cache-server", "--memory", "8MiB",
+                            "--port", str(free_port()), "--http-port", str(taken)],
+                           capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{taken} (HTTP)" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "pdfabric.cli", "cache-server", "--memory", "8MiB", "--port", "65535"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--http-port: expected a port 0-65535, got 65536 (port + 1; give --http-port)" in r.stderr
 
 
 def test_bad_flags_exit_2_naming_the_flag(tmp_path: Path) -> None:

@@ -222,7 +222,8 @@ def check_default_transport(topo: Topology) -> list[Problem]:
                 continue
             msg = same_host_problem(topo.transport, p, d)
             if msg is not None:
-                return [("transport", f"{msg}, or add a links entry for this pair")]
+                return [("transport", f"{msg} for the whole topology (a link cannot use another transport than "
+                                      "the topology's), or put the two instances on one host")]
     return []
 
 

@@ -279,6 +279,7 @@ def test_same_host_transport_across_hosts() -> None:
         "    port: 8200", "    host: 10.0.0.2\n    port: 8200"
     )
     assert "transport: shm works only between instances on one host" in config_error(text)
+    assert "links entry" not in config_error(text)  # a link cannot change the transport: not suggested
     # a link naming that same transport is checked as well (the default's check skips its pair)
     linked = text + "links:\n  - {prefill: prefill-0, decode: decode-0, transport: {kind: shm}}\n"
     assert "links[0].transport: shm works only between instances on one host" in config_error(linked)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -121,6 +122,27 @@ def _cannot_run(names: list[str], device: str) -> str:
     return ""
 
 
+def _bad_shape(sizes: list[int], blocks: list[int], args: argparse.Namespace) -> str:
+    """What is wrong with the sizes, counts and output files asked for ("" when nothing):
+    found before a run that may take minutes, not after it."""
+    if not sizes or min(sizes) <= 0:
+        return f"--size: expected sizes above 0, got {args.size if isinstance(args.size, str) else sizes}"
+    if args.workload == "blocks":
+        if not blocks or min(blocks) <= 0:
+            return f"--block-size: expected sizes above 0, got {blocks}"
+        if not any(b <= s for s in sizes for b in blocks):
+            return (f"--size: every transfer ({', '.join(map(str, sizes))} bytes) is smaller than every block "
+                    f"({', '.join(map(str, blocks))} bytes): no row to measure")
+    if args.latency_iters < 0:
+        return f"--latency-iters: expected 0 (skip) or more, got {args.latency_iters}"
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+                return f"{flag}: cannot write {path}: {parent} is not a writable directory"
+    return ""
+
+
 def run_transfer(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
@@ -148,6 +170,10 @@ def run_transfer(args: argparse.Namespace) -> int:
         return 2
     sizes = args.size if isinstance(args.size, list) else _sizes(args.size)
     blocks = args.block_size if isinstance(args.block_size, list) else _sizes(args.block_size)
+    why = _bad_shape(sizes, blocks, args)
+    if why:
+        err.print(f"error: {why}", soft_wrap=True, markup=False)
+        return 2
     options: dict[str, dict[str, Any]] = {"tcp": {"streams": args.streams}} if args.streams is not None else {}
     if getattr(args, "ucx_error_handling", None):
         options["ucx"] = {"ucx_error_handling": args.ucx_error_handling}

@@ -77,6 +77,11 @@ def test_bench_bad_flags_exit_2_without_traceback() -> None:
         (["--transport", "tcp", "--rounds", "1"], "--rounds"),
         (["--transport", "tcp", "--size", "12 parsecs"], "12 parsecs"),
         (["--transport", "tcp", "--streams", "0"], "--streams: expected at least 1 connection, got 0"),
+        (["--transport", "tcp", "--size", "0"], "--size: expected sizes above 0"),
+        (["--transport", "tcp", "--size", "4MiB", "--block-size", "8MiB"], "smaller than every block"),
+        (["--transport", "tcp", "--latency-iters", "-1"], "--latency-iters: expected 0 (skip) or more, got -1"),
+        (["--transport", "tcp", "--json", "/nonexistent-dir/x.json"], "--json: cannot write /nonexistent-dir/x.json"),
+        (["--transport", "tcp", "--plot", "/nonexistent-dir/x.png"], "--plot: cannot write"),
     ):
         r = _run("bench", "transfer", *args, timeout=60)
         assert r.returncode == 2, (args, r.returncode, r.stderr)

@@ -98,11 +98,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     base = (args.proxy or record.get("proxy") or "http://127.0.0.1:8000").rstrip("/")
+    if "://" not in base:
+        base = "http://" + base  # host:port, as the other commands take it
     try:
         instances = json.loads(_get(base + "/admin/instances", args.api_key))["instances"]
         metrics = _get(base + "/metrics", args.api_key).decode()
     except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
-        print(f"error: cannot read the proxy at {base}: {e}", file=sys.stderr)
+        why = e.reason if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError) else e
+        hint = ""
+        if isinstance(e, urllib.error.HTTPError) and e.code == 401:
+            hint = "; the proxy has API keys: give one with --api-key"
+        elif args.proxy is None and args.topology is None and not record:
+            hint = (f"; no launch is running with the log directory {args.log_dir} (its launch.json): give the "
+                    "proxy's URL, or --log-dir of the launch")
+        print(f"error: cannot read the proxy at {base}: {why}{hint}", file=sys.stderr)
         return 1
     conn: dict[str, dict[str, Any]] = {}
     note = None
@@ -129,7 +138,7 @@ def _print(instances: list[dict[str, Any]], metrics: str, conn: dict[str, dict[s
     for i in instances:
         c = conn.get(i["name"], {})
         k = c.get("counters", {})
-        health = "draining" if i["draining"] else ("up" if i["healthy"] else f"down {i['last_error'][:40]}")
+        health = "draining" if i["draining"] else ("up" if i["healthy"] else "down (below)")
         gbps = c.get("recent_gbps")
         t.add_row(escape(i["name"]), escape(i["role"]), escape(i["url"]), escape(health), str(i["in_flight"]), str(i["served"]),
                   f"{k.get('received_bytes', 0) / 2**20:.1f} MiB" if k else "-",
@@ -139,6 +148,10 @@ def _print(instances: list[dict[str, Any]], metrics: str, conn: dict[str, dict[s
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 160  # piped: do not squeeze the table to 80 columns
     console.print(t)
+    for i in instances:
+        if not i["healthy"] and not i["draining"]:
+            why = i["last_error"] or "its health check has not answered yet"
+            console.print(f"{i['name']} is down: {why}", highlight=False, markup=False, soft_wrap=True)
     for name, c in conn.items():
         if "error" in c:
             console.print(f"connector of {name}: {c['error']}", highlight=False, markup=False, soft_wrap=True)

@@ -122,3 +122,14 @@ def test_status_finds_a_running_launch_from_its_log_dir(make_stack: Callable[...
     assert reused.returncode == 1 and "http://127.0.0.1:8000" in reused.stderr
     (logs / "launch.json").write_text(json.dumps({**record, "pid_start": proc_start(os.getpid())}))
     assert status("--log-dir", str(logs), "--json").returncode == 0  # the same process: found
+
+
+def test_status_says_what_to_do_when_it_cannot_read_the_proxy(tmp_path, make_stack: Callable[..., Stack]) -> None:
+    none = status("--log-dir", str(tmp_path / "no-launch-here"))
+    assert none.returncode == 1 and "no launch is running with the log directory" in none.stderr, none.stderr
+    s = make_stack(prefills=1, decodes=1, api_keys=("k1",))
+    locked = status(s.url)
+    assert locked.returncode == 1 and "give one with --api-key" in locked.stderr, locked.stderr
+    bare = status(s.url.removeprefix("http://"), "--api-key", "k1", "--json")  # host:port
+    assert bare.returncode == 0, bare.stderr
+    assert {i["name"] for i in json.loads(bare.stdout)["instances"]} == {"p0", "d0"}

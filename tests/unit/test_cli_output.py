@@ -48,7 +48,7 @@ def test_status_table_shows_an_error_with_brackets(capsys: pytest.CaptureFixture
             "healthy": False, "last_error": "[/x] refused", "in_flight": 0, "served": 0}
     _print([inst], 'pdfabric_proxy_errors_total{kind="[/x]"} 1', {"decode-0": {"error": "[/y] no reply"}}, None)
     out = capsys.readouterr().out
-    assert "down [/x] refused" in out and 'kind="[/x]"' in out
+    assert "decode-0 is down: [/x] refused" in out and 'kind="[/x]"' in out
     assert "connector of decode-0: [/y] no reply" in out
 
 

@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--demo", action="store_true", help="send the demo questions through the proxy, then stop")
     p.add_argument("--serve", action="store_true", help="with --demo: keep serving afterwards")
     p.add_argument("--log-dir", type=Path, default=Path("pdfabric-logs"), help="one log file per process (default: pdfabric-logs)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each group (engines, proxy) to be ready (default: 600)")
+    p.add_argument("--timeout", type=_positive_seconds, default=600.0,
+                   help="seconds to wait for each group (engines, proxy) to be ready (default: 600)")
     p.add_argument("--only", metavar="NAMES",
                    help="start only these processes (comma-separated instance names, proxy, cache-server): "
                         "one launch per host when the topology spans several hosts")
@@ -69,6 +70,13 @@ def _seconds(text: str) -> float:
         s = -1.0
     if not s >= 0:  # also NaN
         raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return s
+
+
+def _positive_seconds(text: str) -> float:
+    s = _seconds(text)
+    if s == 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
     return s
 
 
@@ -109,6 +117,12 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return 2
     if args.dry_run:
+        how = "auto: from the installed vLLM; --platform cpu|cuda to choose" if args.platform == "auto" else "--platform"
+        print(f"# platform: {platform} ({how})")
+        try:
+            load_topology(file, check_secrets=True)
+        except ConfigError as e:  # the dry run itself does not need them
+            print(f"# note: {e}; a launch (without --dry-run) refuses to start until it does")
         if builtin:
             dest = run_file.resolve()
             print(f"# topology: built-in {file.stem}, run from a copy: mkdir -p {dest.parent} && cp {file} {dest}\n")

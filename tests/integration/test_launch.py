@@ -251,7 +251,10 @@ def test_only_prints_just_the_named_processes() -> None:
     config = ROOT / "configs" / "multi-host-2p2d-nixl.yaml"
     r = launch(str(config), "--dry-run", "--platform", "cuda", "--only", "prefill-b, proxy")
     assert r.returncode == 0, r.stderr
-    assert re.findall(r"^# (\S+) ", r.stdout, re.M) == ["prefill-b", "proxy"]
+    assert re.findall(r"^# (\S+) \(", r.stdout, re.M) == ["prefill-b", "proxy"]
+    assert r.stdout.startswith("# platform: cuda (--platform)\n"), r.stdout[:300]
+    if "PDFABRIC_SECRET" not in os.environ:  # the topology's secret: a dry run says a launch would need it
+        assert "# note: " in r.stdout and "PDFABRIC_SECRET is not set" in r.stdout
     assert '"instance":"prefill-b"' in r.stdout and "VLLM_HOST_IP=10.0.0.12" in r.stdout
 
 
@@ -602,7 +605,8 @@ def _stop_launch(proc: subprocess.Popen[bytes], args: tuple[str, ...]) -> None:
 def test_without_a_file_the_built_in_default_is_launched() -> None:
     r = launch("--dry-run", "--platform", "cpu")
     assert r.returncode == 0, r.stderr
-    assert re.findall(r"^# (\S+) ", r.stdout, re.M) == ["topology:", "prefill-0", "decode-0", "proxy"]
+    assert re.findall(r"^# (\S+) \(", r.stdout, re.M) == ["prefill-0", "decode-0", "proxy"]
+    assert "# topology: built-in cpu-1p1d-tcp" in r.stdout
     copy = ROOT / "pdfabric-logs" / "cpu-1p1d-tcp.yaml"  # launch() runs in ROOT; the default log dir
     assert f"cp {ROOT / 'configs' / 'cpu-1p1d-tcp.yaml'} {copy}" in r.stdout
     assert r.stdout.count(f'"topology":"{copy}"') == 2 and f"proxy --topology {copy}" in r.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -470,3 +471,17 @@ def test_cli_output_into_a_pipe_whose_reader_left_ends_quietly() -> None:
         err = proc.stderr.read().decode()
     assert proc.wait(60) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_cli_check_says_when_only_secrets_fail() -> None:
+    """A shipped topology whose secret lives in an unset variable: the error names it, and
+    a note says the rest is valid and how to check it without secrets."""
+    env = {k: v for k, v in os.environ.items() if k != "PDFABRIC_SECRET"}
+    r = subprocess.run([sys.executable, "-m", "pdfabric.cli", "config", "check", str(REPO / "configs" / "gpu-2p2d-nixl.yaml")],
+                       capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert r.returncode == 2 and "PDFABRIC_SECRET is not set" in r.stderr
+    assert "note: everything else is valid; only secret references do not resolve here" in r.stderr
+    assert "--skip-secrets" in r.stderr
+    broken = subprocess.run([sys.executable, "-m", "pdfabric.cli", "config", "check", "cpu-1p1d-tpc"],
+                            capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert broken.returncode == 2 and "note:" not in broken.stderr and "Traceback" not in broken.stderr

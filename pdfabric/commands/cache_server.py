@@ -16,6 +16,7 @@ import argparse
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 __all__ = ["register", "config_from_args"]
@@ -55,6 +56,13 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str
         if flags_tiers or args.disk_size or args.chunk_tokens is not None or args.redis_password_env:
             raise ConfigError("give the tiers (and --disk-size, --chunk-tokens, --redis-password-env) either in "
                               "--topology's cache section or as flags, not both")
+        from pdfabric.config.builtin import builtin_names
+
+        if not Path(args.topology).exists() and args.topology.removesuffix(".yaml") in builtin_names():
+            # its relative disk path would land inside the installed package
+            raise ConfigError(f"no such file; {args.topology} is a built-in topology: run it with `pdfabric launch "
+                              f"{args.topology}` (it copies it to its log directory), or write a copy with "
+                              f"`pdfabric config show {args.topology} > FILE` and give that", path="--topology")
         topo = load_topology(args.topology)
         if topo.cache is None:
             raise ConfigError(f"{args.topology} has no cache section", path="cache")

@@ -10,6 +10,7 @@ error, which is printed as ``error: <message>`` lines on stderr (never a traceba
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -97,13 +98,18 @@ def run_show(args: argparse.Namespace) -> int:
         topology = load_topology(topology_path(args.file)[0])
     except ConfigError as exc:
         return _fail(exc)
+    doc = topology.model_dump(mode="json")
+    # defaults that depend on other fields, as the programs use them
+    doc["model"]["served_name"] = topology.model.display_name
+    if topology.cache is not None and topology.cache.server is not None:
+        doc["cache"]["server"]["http_port"] = topology.cache.server.http
     if args.json:
-        print(topology.model_dump_json(indent=2))
+        print(json.dumps(doc, indent=2))
     else:
         import yaml
 
         print(f"# {args.file}, resolved (defaults filled in, sizes in bytes)")
-        print(yaml.safe_dump(topology.model_dump(mode="json"), sort_keys=False), end="")
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
     return EXIT_OK
 
 

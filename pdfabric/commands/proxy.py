@@ -73,7 +73,9 @@ def settings_and_registry(args: argparse.Namespace) -> tuple[Any, Any]:
     base: dict[str, Any] = {}
     instances: list[Instance] = []
     if args.topology:
-        topo = load_topology(args.topology, check_secrets=True)
+        from pdfabric.config.builtin import topology_path
+
+        topo = load_topology(topology_path(args.topology)[0], check_secrets=True)
         px = topo.proxy
         keys = topo.resolve_secret(px.api_keys, path="proxy.api_keys") if px.api_keys else ""
         base = dict(host=px.host, port=px.port, policy=px.policy, pairing=px.pairing,

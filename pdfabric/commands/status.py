@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
         from pdfabric.errors import ConfigError
 
         try:  # a launch's topology: its secret may live in the launch's environment, not ours
-            topo = load_topology(topology, check_secrets=args.topology is not None)
+            from pdfabric.config.builtin import topology_path
+
+            topo = load_topology(topology_path(topology)[0], check_secrets=args.topology is not None)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -133,3 +133,10 @@ def test_status_says_what_to_do_when_it_cannot_read_the_proxy(tmp_path, make_sta
     bare = status(s.url.removeprefix("http://"), "--api-key", "k1", "--json")  # host:port
     assert bare.returncode == 0, bare.stderr
     assert {i["name"] for i in json.loads(bare.stdout)["instances"]} == {"p0", "d0"}
+
+
+def test_status_takes_a_built_in_topology_by_name(make_stack: Callable[..., Stack]) -> None:
+    s = make_stack(prefills=1, decodes=1)
+    r = status(s.url, "--topology", "cpu-1p1d-tcp", "--json")
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)["connectors"]) == {"prefill-0", "decode-0"}

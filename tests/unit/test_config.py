@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pdfabric.config import (
     SecretRef,
@@ -485,3 +486,23 @@ def test_cli_check_says_when_only_secrets_fail() -> None:
     broken = subprocess.run([sys.executable, "-m", "pdfabric.cli", "config", "check", "cpu-1p1d-tpc"],
                             capture_output=True, text=True, timeout=60, env=env, check=False)
     assert broken.returncode == 2 and "note:" not in broken.stderr and "Traceback" not in broken.stderr
+
+
+def test_config_show_fills_the_defaults_that_follow_from_other_fields(tmp_path: Path) -> None:
+    """``served_name`` (the builtin name) and the cache server's ``http_port`` (port + 1) as
+    the programs use them; the output loads back as the same topology."""
+    shown = run_cli("config", "show", "cpu-1p1d-cache")
+    assert shown.returncode == 0, shown.stderr
+    doc = yaml.safe_load(shown.stdout)
+    assert doc["model"]["served_name"] == "tiny-llama"
+    assert doc["cache"]["server"]["http_port"] == doc["cache"]["server"]["port"] + 1
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(shown.stdout)
+    again = run_cli("config", "show", str(copy))
+    assert again.returncode == 0 and yaml.safe_load(again.stdout)["instances"] == doc["instances"], again.stderr
+
+
+def test_cache_server_refuses_a_built_in_topology_name_saying_how_to_run_it() -> None:
+    r = run_cli("cache-server", "--topology", "cpu-1p1d-cache")
+    assert r.returncode == 2 and "is a built-in topology: run it with `pdfabric launch cpu-1p1d-cache`" in r.stderr
+    assert "pdfabric config show cpu-1p1d-cache > FILE" in r.stderr

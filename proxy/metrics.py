@@ -39,10 +39,13 @@ def render(proxy: "Proxy") -> str:
         f'pdfabric_proxy_leg_seconds_count{{leg="decode_first_byte"}} {c["decode_first_byte_n"]}',
         "# TYPE pdfabric_proxy_instance_up gauge",
     ]
-    for i in proxy.registry.all():
+    instances = proxy.registry.all()
+    for i in instances:
         labels = f'instance="{i.name}",role="{i.role}"'
         lines.append(f"pdfabric_proxy_instance_up{{{labels}}} {int(i.healthy and not i.draining)}")
-        lines.append(f"pdfabric_proxy_instance_in_flight{{{labels}}} {i.in_flight}")
+    lines.append("# TYPE pdfabric_proxy_instance_in_flight gauge")  # a family's samples stay together
+    for i in instances:
+        lines.append(f'pdfabric_proxy_instance_in_flight{{instance="{i.name}",role="{i.role}"}} {i.in_flight}')
     if proxy.cache is not None:
         lines += _cache_lines(proxy)
     return "\n".join(lines) + "\n"

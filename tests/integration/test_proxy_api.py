@@ -455,3 +455,18 @@ def test_fake_engine_as_a_child_process() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_metrics_parse_with_the_prometheus_client_parser(make_stack: MakeStack) -> None:
+    """What a Prometheus server scrapes: every family typed, its samples together (a parser
+    refuses a family that comes back after another one)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s = make_stack(prefills=1, decodes=2)
+    assert s.complete().status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(s.client.get("/metrics").text)}
+    assert families["pdfabric_proxy_instance_in_flight"].type == "gauge"
+    assert families["pdfabric_proxy_instance_up"].type == "gauge"
+    assert {smp.labels["instance"] for smp in families["pdfabric_proxy_instance_in_flight"].samples} == {"p0", "d0", "d1"}
+    assert families["pdfabric_proxy_requests"].type == "counter"  # the parser drops _total
+    assert all(f.type != "unknown" for f in families.values()), [n for n, f in families.items() if f.type == "unknown"]

@@ -447,6 +447,9 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+_HTTP_PATHS = {"GET": ("/health", "/metrics", "/admin/stats"), "POST": ("/admin/clear", "/admin/evict")}
+
+
 def _handler(svc: CacheService) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -472,7 +475,30 @@ def _handler(svc: CacheService) -> type[BaseHTTPRequestHandler]:
                 with svc._lock:
                     self._send(200, svc.stats())
             else:
-                self._send(404, {"error": {"message": f"no such endpoint: GET {path}", "code": 404}})
+                self._unknown("GET", path)
+
+        def _unknown(self, method: str, path: str) -> None:
+            """404 for a path nobody serves, 405 (with Allow) for one served with another method."""
+            allowed = [m for m, paths in _HTTP_PATHS.items() if path in paths]
+            if not allowed:
+                self._send(404, {"error": {"message": f"no such endpoint: {method} {path}", "code": 404}})
+                return
+            data = json.dumps({"error": {"message": f"{path} takes {' or '.join(allowed)}, not {method}",
+                                         "code": 405}}).encode()
+            self.send_response(405)
+            self.send_header("Allow", ", ".join(allowed))
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _other(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            self._unknown(self.command, urlsplit(self.path).path)
+
+        do_PUT = do_DELETE = do_PATCH = _other
 
         def do_POST(self) -> None:
             url = urlsplit(self.path)
@@ -489,6 +515,6 @@ def _handler(svc: CacheService) -> type[BaseHTTPRequestHandler]:
                     return
                 self._send(200, {"removed": svc.evict(prefix)})
             else:
-                self._send(404, {"error": {"message": f"no such endpoint: POST {url.path}", "code": 404}})
+                self._unknown("POST", url.path)
 
     return Handler

@@ -348,6 +348,13 @@ def test_http_health_metrics_and_admin(server: Server) -> None:
         assert status == 200
         assert c.lookup([key(0x11)]) == 0 and c.lookup([key(0x20)]) == 0
         assert server.get("/nope")[0] == 404
+        status, body = server.get("/admin/clear")  # a POST endpoint asked with GET
+        assert status == 405 and "/admin/clear takes POST, not GET" in json.loads(body)["error"]["message"]
+        req = urllib.request.Request(f"http://127.0.0.1:{server.http}/admin/stats", method="DELETE")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=5)
+        e.value.close()
+        assert e.value.code == 405 and e.value.headers["Allow"] == "GET" and e.value.headers["Content-Type"] == "application/json"
     finally:
         c.close()
 

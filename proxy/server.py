@@ -161,12 +161,8 @@ class Proxy:
         try:
             if request.path.startswith(("/v1/", "/admin/")) or request.path in _ONE_ENGINE:
                 self._check_key(request)
-            if (request.path.startswith("/admin/") and request.method != "GET" and not self.settings.api_keys
-                    and not _loopback(request.remote)):
-                # without API keys nothing says who may change the routing: only this host may
-                raise HTTPProblem(403, "the admin API takes changes only from clients on this host when the proxy "
-                                       "has no api_keys; set proxy.api_keys (or --api-key-env) to use it remotely",
-                                  "permission_error")
+            if request.path.startswith("/admin/") and request.method != "GET" and not self.settings.api_keys:
+                _check_keyless_admin(request)
             return await handler(request)
         except HTTPProblem as p:
             self.stats.counters[f"errors_{p.status}"] += 1
@@ -176,6 +172,7 @@ class Proxy:
             return HTTPProblem(413, f"request body is larger than {self.settings.max_body} bytes").response(
                 _anthropic(request))
         except web.HTTPException as e:
+            self.stats.counters[f"errors_{e.status}"] += 1
             return HTTPProblem(e.status, e.reason or "error").response(_anthropic(request))
 
     def _check_key(self, request: web.Request) -> None:
@@ -304,7 +301,11 @@ class Proxy:
                 if not ok:
                     inst.last_error = f"health check: {inst.url}/health answered HTTP {resp.status}"
         except Exception as e:
-            ok, inst.last_error = False, f"health check: {_unreachable(inst.url, e)}"
+            ok = False
+            try:
+                inst.last_error = f"health check: {_unreachable(inst.url, e)}"
+            except Exception:  # the words must not keep a dead engine "up"
+                inst.last_error = f"health check: {inst.url}/health: {type(e).__name__}"
         if ok != inst.healthy:
             log.warning("pdfabric proxy: instance %s is %s", inst.name, "up" if ok else f"down ({inst.last_error})")
         inst.healthy = ok
@@ -454,13 +455,29 @@ def _new_instance(body: dict[str, Any]) -> Instance:
         raise HTTPProblem(400, f"control: a {role} instance needs its connector's control endpoint (host:port)")
     if control is not None and (problem := host_port_problem(control)) is not None:
         raise HTTPProblem(400, f"control: {problem}")
-    return Instance(name, role, url, control)
+    return Instance(name, role, url, control, healthy=False, last_error="not checked yet")
+
+
+def _check_keyless_admin(request: web.Request) -> None:
+    """Without API keys nothing says who may change the routing: only a program on this host
+    may, over loopback, and not a web page a browser on this host is showing (its requests
+    carry Origin or Sec-Fetch-* headers; a page could otherwise add its own engine or drain
+    every one). A forwarder on this host (a reverse proxy, ssh -L) counts as local."""
+    why = ""
+    if not _loopback(request.remote):
+        why = f"it came from {request.remote}, not over loopback (127.0.0.1 or ::1)"
+    elif "Origin" in request.headers or any(h.lower().startswith("sec-fetch-") for h in request.headers):
+        why = "it came from a web browser (Origin or Sec-Fetch headers)"
+    if why:
+        raise HTTPProblem(403, f"admin change refused: {why}; without proxy.api_keys only programs on the proxy's "
+                               "host may change instances - set api_keys (or --api-key-env) to use it otherwise",
+                          "permission_error")
 
 
 def _loopback(remote: str | None) -> bool:
     """Whether a client's address is this host's loopback (IPv4, IPv6, IPv4-mapped IPv6)."""
     if not remote:
-        return True  # no peer address: a Unix socket or an in-process test client
+        return False  # no address to tell by
     try:
         addr = ipaddress.ip_address(remote.split("%")[0])
     except ValueError:
@@ -477,7 +494,9 @@ def _unreachable(url: str, e: BaseException) -> str:
     if isinstance(e, asyncio.TimeoutError):
         return f"{url}/health did not answer within {_PROBE_TIMEOUT.total:g}s"
     if isinstance(e, aiohttp.ClientConnectorError):
-        return f"cannot connect to {e.host}:{e.port}: {e.os_error.strerror or e.os_error}"
+        os_error = getattr(e, "os_error", None)  # not on every subclass in every aiohttp release
+        why = (os_error.strerror or str(os_error)) if isinstance(os_error, OSError) else str(e)
+        return f"cannot connect to {e.host}:{e.port}: {why}"
     return f"{url}/health: {type(e).__name__}: {e}" if str(e) else f"{url}/health: {type(e).__name__}"
 
 

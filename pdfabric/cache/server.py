@@ -23,6 +23,8 @@ Threads: the ZMQ loop (all requests, in order), the HTTP server, the tiers' writ
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import mmap
@@ -187,13 +189,17 @@ class CacheService:
             self._leases.clear()
             if self.cache is not None:
                 self.cache.close()
-            if self.arena is not None:
-                self.arena.array = np.empty(0, dtype=np.uint8)
-                try:
-                    self.arena.map.close()
-                except BufferError:
-                    pass
-                self.arena.path.unlink(missing_ok=True)
+            self._release_arena()
+
+    def _release_arena(self) -> None:
+        if self.arena is not None:
+            self.arena.array = np.empty(0, dtype=np.uint8)
+            try:
+                self.arena.map.close()
+            except BufferError:
+                pass
+            self.arena.path.unlink(missing_ok=True)
+            self.arena = None
 
     def _tier_path(self, p: str) -> Path:
         path = Path(p).expanduser()
@@ -207,9 +213,13 @@ class CacheService:
         from pdfabric.errors import ConfigError
 
         for i, spec in enumerate(self.config.tiers):
-            if spec.kind != "disk":
+            if spec.kind != "disk" or i in self._disk_locks:
                 continue
-            where, root = f"cache.tiers[{i}].path", self._tier_path(spec.path)
+            where = f"cache.tiers[{i}].path"
+            try:
+                root = self._tier_path(spec.path)
+            except RuntimeError as e:  # ~user that does not exist
+                raise ConfigError(f"cannot use {spec.path}: {e}", path=where) from None
             try:
                 root.mkdir(parents=True, exist_ok=True)
                 fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -217,10 +227,12 @@ class CacheService:
                 raise ConfigError(f"the disk tier cannot use {root}: {e.strerror or e}", path=where) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as e:
                 os.close(fd)
-                raise ConfigError(f"{root} is in use by another cache (it holds {root}/.lock); give each cache "
-                                  "server its own directory", path=where) from None
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise ConfigError(f"{root} is in use by another cache (it holds {root}/.lock); give each "
+                                      "cache server its own directory", path=where) from None
+                raise ConfigError(f"cannot lock {root}/.lock: {e.strerror or e}", path=where) from None
             self._disk_locks[i] = fd
 
     # -- the cache, once the chunk size is known ------------------------------------------
@@ -230,21 +242,33 @@ class CacheService:
         from pdfabric.config.secrets import resolve_secret
 
         tiers: list[Any] = []
-        for fd in self._disk_locks.values():  # the disk tiers take their locks themselves now
-            os.close(fd)
-        self._disk_locks.clear()
-        for i, spec in enumerate(self.config.tiers):
-            if spec.kind == "memory":
-                size = MemoryTier.arena_bytes_for(spec.size, chunk_bytes)
-                self.arena = self._map_arena(size)
-                tiers.append(MemoryTier(spec.size, chunk_bytes, name="memory", arena=self.arena.array))
-            else:
+        try:
+            for i, spec in enumerate(self.config.tiers):
+                if spec.kind == "memory":
+                    size = MemoryTier.arena_bytes_for(spec.size, chunk_bytes)
+                    self.arena = self._map_arena(size)
+                    tiers.append(MemoryTier(spec.size, chunk_bytes, name="memory", arena=self.arena.array))
+                    continue
+                if i in self._disk_locks:  # the disk tier takes its directory's lock itself now
+                    os.close(self._disk_locks.pop(i))
                 tiers.append(build_tier(
                     spec, chunk_bytes, f"cache.tiers[{i}]", self._tier_path,
                     lambda ref, where: resolve_secret(ref, path=where, base_dir=str(self.base_dir or os.getcwd()))))
-        if self.arena is None:
-            raise ValueError("the cache server needs a memory tier (L1): engines read and write through it")
-        self.cache = TieredCache(tiers)
+            if self.arena is None:
+                raise ValueError("the cache server needs a memory tier (L1): engines read and write through it")
+            self.cache = TieredCache(tiers)
+        except BaseException:
+            # a later tier failed (a missing package, /dev/shm full): give back what was built,
+            # so that the next hello builds again instead of meeting our own disk lock
+            for t in tiers:
+                with contextlib.suppress(Exception):
+                    t.close()
+            self._release_arena()
+            try:
+                self._check_disk_tiers()
+            except Exception as e:  # the build's own error is the one to report
+                log.warning("pdfabric cache-server: cannot take the disk tiers' locks again: %s", e)
+            raise
         self.chunk_bytes = chunk_bytes
         log.info("pdfabric cache-server: chunks of %d bytes; L1 arena %s (%d bytes)", chunk_bytes,
                  self.arena.path, self.arena.size)
@@ -492,19 +516,27 @@ def _handler(svc: CacheService) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def _body(self) -> bool:
+            """Read (and drop) the request body; False, with a 400 sent, when its length is bad."""
+            text = self.headers.get("Content-Length") or "0"
+            if not text.isdigit() or int(text) > 1 << 20:
+                self.close_connection = True
+                self._send(400, {"error": {"message": f"bad Content-Length {text!r}", "code": 400}})
+                return False
+            if int(text):
+                self.rfile.read(int(text))
+            return True
+
         def _other(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
-            self._unknown(self.command, urlsplit(self.path).path)
+            if self._body():
+                self._unknown(self.command, urlsplit(self.path).path)
 
         do_PUT = do_DELETE = do_PATCH = _other
 
         def do_POST(self) -> None:
             url = urlsplit(self.path)
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
+            if not self._body():
+                return
             if url.path == "/admin/clear":
                 self._send(200, {"removed": svc.clear()})
             elif url.path == "/admin/evict":

@@ -152,7 +152,12 @@ def run(args: argparse.Namespace) -> int:
         svc.stop()
         return 2
     except OSError as e:  # a port in use (the message names which), /dev/shm missing
-        print(f"error: cannot start the cache server: {e.strerror or e}", file=sys.stderr)
+        why = e.strerror if e.strerror and not e.filename else str(e)
+        print(f"error: cannot start the cache server: {why}", file=sys.stderr)
+        svc.stop()
+        return 2
+    except Exception as e:  # anything else at start: said, not a traceback
+        print(f"error: cannot start the cache server: {type(e).__name__}: {e}", file=sys.stderr)
         svc.stop()
         return 2
     kinds = " -> ".join(t.kind for t in config.tiers)

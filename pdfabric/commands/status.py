@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         why = e.reason if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError) else e
         hint = ""
         if isinstance(e, urllib.error.HTTPError) and e.code == 401:
-            hint = "; the proxy has API keys: give one with --api-key"
+            hint = ("; the proxy refused the key given with --api-key" if args.api_key
+                    else "; the proxy has API keys: give one with --api-key")
         elif args.proxy is None and args.topology is None and not record:
             hint = (f"; no launch is running with the log directory {args.log_dir} (its launch.json): give the "
                     "proxy's URL, or --log-dir of the launch")

@@ -130,6 +130,8 @@ def test_status_says_what_to_do_when_it_cannot_read_the_proxy(tmp_path, make_sta
     s = make_stack(prefills=1, decodes=1, api_keys=("k1",))
     locked = status(s.url)
     assert locked.returncode == 1 and "give one with --api-key" in locked.stderr, locked.stderr
+    wrong = status(s.url, "--api-key", "nope")
+    assert wrong.returncode == 1 and "refused the key given with --api-key" in wrong.stderr, wrong.stderr
     bare = status(s.url.removeprefix("http://"), "--api-key", "k1", "--json")  # host:port
     assert bare.returncode == 0, bare.stderr
     assert {i["name"] for i in json.loads(bare.stdout)["instances"]} == {"p0", "d0"}

@@ -16,7 +16,7 @@ from pdfabric.proxy.server import HTTPProblem, Proxy, ProxySettings, _loopback, 
 
 
 @pytest.mark.parametrize(("remote", "local"), [
-    ("127.0.0.1", True), ("127.3.4.5", True), ("::1", True), ("::ffff:127.0.0.1", True), (None, True),
+    ("127.0.0.1", True), ("127.3.4.5", True), ("::1", True), ("::ffff:127.0.0.1", True), (None, False), ("", False),
     ("10.1.2.3", False), ("192.168.0.9", False), ("::ffff:10.0.0.1", False), ("fe80::1%eth0", False),
     ("2001:db8::1", False), ("not-an-address", False),
 ])
@@ -40,11 +40,15 @@ def _call(proxy: Proxy, request: web.Request) -> web.StreamResponse:
 def test_without_api_keys_the_admin_api_answers_only_this_host() -> None:
     proxy = Proxy(ProxySettings(host="0.0.0.0"), Registry())
     far = _call(proxy, _request("/admin/instances/d0/drain", "10.1.2.3"))
-    assert far.status == 403 and b"only from clients on this host" in far.body  # type: ignore[attr-defined]
+    assert far.status == 403 and b"not over loopback (127.0.0.1 or ::1)" in far.body  # type: ignore[attr-defined]
     assert _call(proxy, _request("/admin/instances", "10.1.2.3", method="DELETE")).status == 403
     assert _call(proxy, _request("/admin/instances", "10.1.2.3", method="GET")).status == 200  # listing: status
     assert _call(proxy, _request("/admin/instances/d0/drain", "127.0.0.1")).status == 200
     assert _call(proxy, _request("/v1/completions", "10.1.2.3")).status == 200  # serving is not admin
+    # a web page in a browser on this host: its cross-site POST reaches loopback too
+    for headers in ({"Origin": "http://example.com"}, {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}):
+        page = _call(proxy, _request("/admin/instances", "127.0.0.1", headers))
+        assert page.status == 403 and b"from a web browser" in page.body  # type: ignore[attr-defined]
 
 
 def test_with_api_keys_a_remote_admin_needs_the_key() -> None:
@@ -79,3 +83,4 @@ def test_an_added_instance_names_the_field_that_is_wrong(change: dict[str, Any],
 def test_a_good_instance_is_taken_as_given() -> None:
     inst = _new_instance({**GOOD, "role": "prefill", "control": "10.0.0.2:8201"})
     assert (inst.name, inst.role, inst.url, inst.control) == ("d-1.x", "prefill", "http://10.0.0.2:8200", "10.0.0.2:8201")
+    assert not inst.healthy and inst.last_error == "not checked yet"  # no request goes to it before its check

@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -88,13 +89,23 @@ class Runner:
         caches = [p for p in self.procs if p.spec.kind == "cache"]
         engines = [p for p in self.procs if p.spec.kind == "engine"]
         rest = [p for p in self.procs if p.spec.kind not in ("cache", "engine")]
-        with Live(self._table(), console=self.console, refresh_per_second=4, transient=False) as live:
-            for group in (caches, engines, rest):
-                if not group:
-                    continue
-                for p in group:
-                    self._spawn(p)
-                self._wait(group, timeout, live)
+        # the ports of the groups started later are held until then: engines loading for
+        # minutes open many connections, and one could get a later port as its own local port
+        held = {p.spec.name: _reserve(p.spec.ports) for p in engines + rest}
+        try:
+            with Live(self._table(), console=self.console, refresh_per_second=4, transient=False) as live:
+                for group in (caches, engines, rest):
+                    if not group:
+                        continue
+                    for p in group:
+                        for s in held.pop(p.spec.name, []):
+                            s.close()
+                        self._spawn(p)
+                    self._wait(group, timeout, live)
+        finally:
+            for socks in held.values():
+                for s in socks:
+                    s.close()
 
     def _spawn(self, p: Proc, append: bool = False) -> None:
         env = {**os.environ, **p.spec.env}
@@ -243,6 +254,26 @@ class Runner:
             _signal_group(p.popen.pid, signal.SIGKILL)  # children of the group (engine core, workers)
             if p.popen.poll() is None:
                 p.popen.wait(10)
+
+
+def _reserve(ports: tuple[tuple[str, int], ...]) -> list[socket.socket]:
+    """Sockets bound (not listening) to ``ports``: while they are, the kernel gives none of
+    them to an outgoing connection as its local port. A port that cannot be bound now is
+    left alone (preflight found it free; the process will say if it is not)."""
+    out: list[socket.socket] = []
+    for host, port in ports:
+        if not port:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
+            s.bind((host, port))
+        except OSError:
+            s.close()
+            continue
+        out.append(s)
+    return out
 
 
 def _kill_group(pgid: int, console: Console, wait: float = 10.0) -> None:

@@ -98,3 +98,44 @@ def test_a_restarted_proxy_is_ready_again_once_it_serves(tmp_path: Path, clock: 
         assert p.state == "ready" and asked == ["http://127.0.0.1:9/live"]
     finally:
         r.stop(grace=5)
+
+
+_RESERVE_CHECK = """
+import socket, subprocess
+from pdfabric.launch.runner import _reserve
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:
+    f.write("40000 40009")  # this network namespace's own: ten local ports
+lst = socket.create_server(("127.0.0.1", 5000))
+held = _reserve((("127.0.0.1", 40005), ("127.0.0.1", 0)))
+used, conns = [], []
+for _ in range(12):
+    c = socket.socket()
+    try:
+        c.connect(("127.0.0.1", 5000))
+    except OSError:
+        break
+    used.append(c.getsockname()[1])
+    conns.append(c)
+print(len(held), sorted(used))
+"""
+
+
+def test_ports_of_later_processes_are_not_given_to_outgoing_connections() -> None:
+    """Engines load for minutes and open many connections; the proxy's port, held bound
+    until the proxy starts, is never one of their local ports. Checked in a network
+    namespace of its own whose local port range is ten ports."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs unshare and ip (util-linux, iproute2) for a network namespace")
+    r = subprocess.run(["unshare", "-n", sys.executable, "-c", _RESERVE_CHECK], capture_output=True, text=True,
+                       timeout=60)
+    if r.returncode != 0 and ("Operation not permitted" in r.stderr or "Permission denied" in r.stderr):
+        pytest.skip(f"cannot make a network namespace here: {r.stderr.strip()[-200:]}")
+    assert r.returncode == 0, r.stderr
+    held, used = r.stdout.split(" ", 1)
+    assert held == "1"  # port 0 is nothing to hold
+    assert used.strip() == str([p for p in range(40000, 40010) if p != 40005])  # all but the held one

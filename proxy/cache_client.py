@@ -83,10 +83,15 @@ class LookupClient:
             sock = self._sock
             try:
                 reply = await self._ask(lambda seq: wire.Lookup(seq, list(keys), False))
-            except ConnectionResetError:
+            except (ConnectionResetError, asyncio.CancelledError) as e:
+                task = asyncio.current_task()
+                if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
+                    raise  # this request was cancelled (its client went away)
+                # the socket was closed under this lookup (a send waiting on it is cancelled
+                # by zmq, a reply pending fails): another lookup reconnected; ask on the new one
                 if not again and self._sock is not sock:
                     continue
-                raise
+                raise ConnectionResetError("the connection was dropped under this lookup") from None
             if not again and isinstance(reply, wire.Refused) and reply.reason.startswith(wire.HELLO_FIRST):
                 if self._sock is sock:
                     self.counters["reconnects"] += 1

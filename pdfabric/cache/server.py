@@ -474,79 +474,82 @@ def _plain(obj: Any) -> Any:
 _HTTP_PATHS = {"GET": ("/health", "/metrics", "/admin/stats"), "POST": ("/admin/clear", "/admin/evict")}
 
 
+class _Handler(BaseHTTPRequestHandler):
+    """The cache server's HTTP side: health, metrics, stats and the admin actions."""
+
+    protocol_version = "HTTP/1.1"
+    svc: CacheService  # set on the subclass ``_handler`` makes
+
+    def log_message(self, *args: Any) -> None:  # no access log on stderr
+        pass
+
+    def _send(self, status: int, body: Any, ctype: str = "application/json",
+              headers: dict[str, str] | None = None) -> None:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        svc = self.svc
+        path = urlsplit(self.path).path
+        if path == "/health":
+            self._send(200, {"status": "ok", "chunk_bytes": svc.chunk_bytes, "keyings": svc.keyings})
+        elif path == "/metrics":
+            self._send(200, svc.metrics_text(), "text/plain; version=0.0.4")
+        elif path == "/admin/stats":
+            with svc._lock:
+                self._send(200, svc.stats())
+        else:
+            self._unknown("GET", path)
+
+    def _unknown(self, method: str, path: str) -> None:
+        """404 for a path nobody serves, 405 (with Allow) for one served with another method."""
+        allowed = [m for m, paths in _HTTP_PATHS.items() if path in paths]
+        if not allowed:
+            self._send(404, {"error": {"message": f"no such endpoint: {method} {path}", "code": 404}})
+            return
+        self._send(405, {"error": {"message": f"{path} takes {' or '.join(allowed)}, not {method}", "code": 405}},
+                   headers={"Allow": ", ".join(allowed)})
+
+    def _body(self) -> bool:
+        """Read (and drop) the request body; False, with a 400 sent, when its length is bad."""
+        text = self.headers.get("Content-Length") or "0"
+        if not text.isdigit() or int(text) > 1 << 20:
+            self.close_connection = True
+            self._send(400, {"error": {"message": f"bad Content-Length {text!r}", "code": 400}})
+            return False
+        if int(text):
+            self.rfile.read(int(text))
+        return True
+
+    def _other(self) -> None:
+        if self._body():
+            self._unknown(self.command, urlsplit(self.path).path)
+
+    do_PUT = do_DELETE = do_PATCH = _other
+
+    def do_POST(self) -> None:
+        url = urlsplit(self.path)
+        if not self._body():
+            return
+        if url.path == "/admin/clear":
+            self._send(200, {"removed": self.svc.clear()})
+        elif url.path == "/admin/evict":
+            prefix = (parse_qs(url.query).get("prefix") or [""])[0]
+            if not re.fullmatch(r"(?:[0-9a-fA-F]{2})+", prefix):
+                self._send(400, {"error": {"message": "prefix: expected an even number of hex digits "
+                                                      f"(a key prefix), got {prefix!r}", "code": 400}})
+                return
+            self._send(200, {"removed": self.svc.evict(prefix)})
+        else:
+            self._unknown("POST", url.path)
+
+
 def _handler(svc: CacheService) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: Any) -> None:  # no access log on stderr
-            pass
-
-        def _send(self, status: int, body: Any, ctype: str = "application/json") -> None:
-            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            path = urlsplit(self.path).path
-            if path == "/health":
-                self._send(200, {"status": "ok", "chunk_bytes": svc.chunk_bytes, "keyings": svc.keyings})
-            elif path == "/metrics":
-                self._send(200, svc.metrics_text(), "text/plain; version=0.0.4")
-            elif path == "/admin/stats":
-                with svc._lock:
-                    self._send(200, svc.stats())
-            else:
-                self._unknown("GET", path)
-
-        def _unknown(self, method: str, path: str) -> None:
-            """404 for a path nobody serves, 405 (with Allow) for one served with another method."""
-            allowed = [m for m, paths in _HTTP_PATHS.items() if path in paths]
-            if not allowed:
-                self._send(404, {"error": {"message": f"no such endpoint: {method} {path}", "code": 404}})
-                return
-            data = json.dumps({"error": {"message": f"{path} takes {' or '.join(allowed)}, not {method}",
-                                         "code": 405}}).encode()
-            self.send_response(405)
-            self.send_header("Allow", ", ".join(allowed))
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _body(self) -> bool:
-            """Read (and drop) the request body; False, with a 400 sent, when its length is bad."""
-            text = self.headers.get("Content-Length") or "0"
-            if not text.isdigit() or int(text) > 1 << 20:
-                self.close_connection = True
-                self._send(400, {"error": {"message": f"bad Content-Length {text!r}", "code": 400}})
-                return False
-            if int(text):
-                self.rfile.read(int(text))
-            return True
-
-        def _other(self) -> None:
-            if self._body():
-                self._unknown(self.command, urlsplit(self.path).path)
-
-        do_PUT = do_DELETE = do_PATCH = _other
-
-        def do_POST(self) -> None:
-            url = urlsplit(self.path)
-            if not self._body():
-                return
-            if url.path == "/admin/clear":
-                self._send(200, {"removed": svc.clear()})
-            elif url.path == "/admin/evict":
-                prefix = (parse_qs(url.query).get("prefix") or [""])[0]
-                if not re.fullmatch(r"(?:[0-9a-fA-F]{2})+", prefix):
-                    self._send(400, {"error": {"message": "prefix: expected an even number of hex digits "
-                                                          f"(a key prefix), got {prefix!r}", "code": 400}})
-                    return
-                self._send(200, {"removed": svc.evict(prefix)})
-            else:
-                self._unknown("POST", url.path)
-
-    return Handler
+    """A handler class bound to ``svc`` (``ThreadingHTTPServer`` takes a class, not an instance)."""
+    return type("Handler", (_Handler,), {"svc": svc})

@@ -45,62 +45,80 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str | None]:
     """(CacheConfig, service options, base dir for relative paths); ``ConfigError`` on bad input."""
+    opts: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "http_port": None, "lease_ttl_s": 60.0}
+    base: str | None = None
+    if args.topology:
+        config, base = _config_from_topology(args, opts)
+    else:
+        config = _config_from_flags(args)
+    _apply_flags(args, opts)
+    return config, opts, base
+
+
+def _config_from_topology(args: argparse.Namespace, opts: dict[str, Any]) -> tuple[Any, str | None]:
+    """The cache section of ``--topology`` (its server settings go into ``opts``), and its base dir."""
     from pdfabric.config import load_topology
+    from pdfabric.config.builtin import builtin_names
+    from pdfabric.errors import ConfigError
+
+    if any((args.memory, args.disk, args.redis, args.disk_size, args.redis_password_env)) \
+            or args.chunk_tokens is not None:
+        raise ConfigError("give the tiers (and --disk-size, --chunk-tokens, --redis-password-env) either in "
+                          "--topology's cache section or as flags, not both")
+    if not Path(args.topology).exists() and args.topology.removesuffix(".yaml") in builtin_names():
+        # its relative disk path would land inside the installed package
+        raise ConfigError(f"no such file; {args.topology} is a built-in topology: run it with `pdfabric launch "
+                          f"{args.topology}` (it copies it to its log directory), or write a copy with "
+                          f"`pdfabric config show {args.topology} > FILE` and give that", path="--topology")
+    topo = load_topology(args.topology)
+    if topo.cache is None:
+        raise ConfigError(f"{args.topology} has no cache section", path="cache")
+    if topo.cache.server is not None:
+        srv = topo.cache.server
+        opts.update(host=srv.host, port=srv.port, http_port=srv.http, lease_ttl_s=srv.lease_ttl_s)
+    return topo.cache, topo._base_dir
+
+
+def _config_from_flags(args: argparse.Namespace) -> Any:
+    """The CacheConfig that ``--memory``, ``--disk`` and ``--redis`` (and their companions) describe."""
+    from pydantic import ValidationError
+
     from pdfabric.config.models import CacheConfig
     from pdfabric.errors import ConfigError
 
-    opts: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "http_port": None, "lease_ttl_s": 60.0}
-    base: str | None = None
-    flags_tiers = [x for x in (args.memory, args.disk, args.redis) if x]
-    if args.topology:
-        if flags_tiers or args.disk_size or args.chunk_tokens is not None or args.redis_password_env:
-            raise ConfigError("give the tiers (and --disk-size, --chunk-tokens, --redis-password-env) either in "
-                              "--topology's cache section or as flags, not both")
-        from pdfabric.config.builtin import builtin_names
+    if not args.memory:
+        raise ConfigError("--memory SIZE is required (L1: engines read and write through it)", path="--memory")
+    tiers: list[dict[str, Any]] = [{"kind": "memory", "size": args.memory}]
+    if args.disk:
+        tiers.append({"kind": "disk", "path": args.disk, "size": args.disk_size or "10GiB"})
+    elif args.disk_size:
+        raise ConfigError("needs --disk DIR", path="--disk-size")
+    if args.redis:
+        redis: dict[str, Any] = {"kind": "redis", "url": args.redis}
+        if args.redis_password_env:
+            redis["password"] = {"env": args.redis_password_env}
+        tiers.append(redis)
+    elif args.redis_password_env:
+        raise ConfigError("needs --redis URL", path="--redis-password-env")
+    data: dict[str, Any] = {"tiers": tiers}
+    if args.chunk_tokens is not None:
+        data["chunk_tokens"] = args.chunk_tokens
+    try:
+        return CacheConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        msg = first["msg"].removeprefix("Value error, ")
+        if " got " not in msg and "input" in first:
+            msg = f"{msg}, got {first['input']!r}"
+        if "password: {env: VAR}" in msg:
+            msg = "the URL holds a password; give it with --redis-password-env NAME instead"
+        raise ConfigError(msg, path=_flag_of(first["loc"], tiers)) from None
 
-        if not Path(args.topology).exists() and args.topology.removesuffix(".yaml") in builtin_names():
-            # its relative disk path would land inside the installed package
-            raise ConfigError(f"no such file; {args.topology} is a built-in topology: run it with `pdfabric launch "
-                              f"{args.topology}` (it copies it to its log directory), or write a copy with "
-                              f"`pdfabric config show {args.topology} > FILE` and give that", path="--topology")
-        topo = load_topology(args.topology)
-        if topo.cache is None:
-            raise ConfigError(f"{args.topology} has no cache section", path="cache")
-        config = topo.cache
-        base = topo._base_dir
-        if config.server is not None:
-            srv = config.server
-            opts.update(host=srv.host, port=srv.port, http_port=srv.http, lease_ttl_s=srv.lease_ttl_s)
-    else:
-        if not args.memory:
-            raise ConfigError("--memory SIZE is required (L1: engines read and write through it)", path="--memory")
-        tiers: list[dict[str, Any]] = [{"kind": "memory", "size": args.memory}]
-        if args.disk:
-            tiers.append({"kind": "disk", "path": args.disk, "size": args.disk_size or "10GiB"})
-        elif args.disk_size:
-            raise ConfigError("needs --disk DIR", path="--disk-size")
-        if args.redis:
-            redis: dict[str, Any] = {"kind": "redis", "url": args.redis}
-            if args.redis_password_env:
-                redis["password"] = {"env": args.redis_password_env}
-            tiers.append(redis)
-        elif args.redis_password_env:
-            raise ConfigError("needs --redis URL", path="--redis-password-env")
-        data: dict[str, Any] = {"tiers": tiers}
-        if args.chunk_tokens is not None:
-            data["chunk_tokens"] = args.chunk_tokens
-        from pydantic import ValidationError
 
-        try:
-            config = CacheConfig.model_validate(data)
-        except ValidationError as e:
-            first = e.errors()[0]
-            msg = first["msg"].removeprefix("Value error, ")
-            if " got " not in msg and "input" in first:
-                msg = f"{msg}, got {first['input']!r}"
-            if "password: {env: VAR}" in msg:
-                msg = "the URL holds a password; give it with --redis-password-env NAME instead"
-            raise ConfigError(msg, path=_flag_of(first["loc"], tiers)) from None
+def _apply_flags(args: argparse.Namespace, opts: dict[str, Any]) -> None:
+    """Server flags over ``opts`` (which may hold the topology's), then their ranges checked."""
+    from pdfabric.errors import ConfigError
+
     for key, flag in (("host", args.host), ("port", args.port), ("http_port", args.http_port),
                       ("lease_ttl_s", args.lease_ttl), ("forget_idle_s", args.forget_idle)):
         if flag is not None:
@@ -114,7 +132,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str
         if not 0 <= opts[key] <= 65535:
             why = " (port + 1; give --http-port)" if key == "http_port" and args.http_port is None else ""
             raise ConfigError(f"expected a port 0-65535, got {opts[key]}{why}", path=name)
-    return config, opts, base
 
 
 def _flag_of(loc: tuple[Any, ...], tiers: list[dict[str, Any]]) -> str:

@@ -18,6 +18,7 @@ import argparse
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,55 +81,35 @@ def _positive_seconds(text: str) -> float:
     return s
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """What a launch (or its dry run) works from, once the topology and flags are checked."""
+
+    topo: Any
+    file: Path  # the topology given (a built-in's file inside the package)
+    builtin: bool
+    run_file: Path  # where the processes read it (a built-in's copy in the log directory)
+    platform: str
+    plan: list[Any]
+    secret: str | None  # this launch's own secret, when the topology names none
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from pdfabric.config import load_topology
-    from pdfabric.config.builtin import topology_path
     from pdfabric.errors import ConfigError
-    from pdfabric.launch.plan import build_plan, detect_platform, select_processes
 
     console = Console(stderr=True)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 160  # piped or logged: do not squeeze the tables to 80 columns
     try:
-        file, builtin = topology_path(args.file)
-        # a built-in topology runs from a copy in the log directory: the processes read it
-        # there, and its relative paths (a disk cache tier) land there, not in the package
-        run_file = args.log_dir / file.name if builtin else file
-        topo = load_topology(file, check_secrets=not args.dry_run)
-        only = select_processes(topo, args.only) if args.only is not None else None
-        elsewhere = [i.name for i in topo.instances if only is not None and i.name not in only]
-        if only is not None and args.demo and "proxy" not in only:
-            raise ConfigError("--demo sends its questions through the proxy: add proxy to --only, or drop --demo")
-        if args.demo and elsewhere and topo.secret is None:
-            raise ConfigError(f"--demo reads the transfer counters of engines another launch starts "
-                              f"({', '.join(elsewhere)}): the topology needs a `secret` they share")
-        platform = detect_platform() if args.platform == "auto" else args.platform
-        engines_here = only is None or any(i.name in only for i in topo.instances)
-        model = _model_dir(topo, args.dry_run or not engines_here)
-        secret = None if topo.secret is not None else os.urandom(16).hex()
-        plan = build_plan(topo, run_file.resolve(), model, platform, launch_secret=secret,
-                          proxy_state=(args.log_dir / PROXY_STATE_FILE).resolve())
-        if only is not None:
-            plan = _select(plan, only)
+        prep = _prepare(args)
     except ConfigError as e:
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return 2
     if args.dry_run:
-        how = "auto: from the installed vLLM; --platform cpu|cuda to choose" if args.platform == "auto" else "--platform"
-        print(f"# platform: {platform} ({how})")
-        try:
-            load_topology(file, check_secrets=True)
-        except ConfigError as e:  # the dry run itself does not need them
-            print(f"# note: {e}; a launch (without --dry-run) refuses to start until it does")
-        if builtin:
-            dest = run_file.resolve()
-            print(f"# topology: built-in {file.stem}, run from a copy: mkdir -p {dest.parent} && cp {file} {dest}\n")
-        for spec in plan:
-            print(f"# {spec.name} ({spec.kind}), ready at {spec.ready_url}\n{spec.shell()}\n")
-        return 0
+        return _dry_run(args, prep)
     from pdfabric.launch.preflight import preflight
 
     other = _live_launch(args.log_dir)
@@ -136,17 +117,67 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] the log directory {escape(str(args.log_dir))} belongs to the launch running as "
                       f"pid {other}; give this one its own --log-dir", highlight=False)
         return 2
-    problems = preflight(topo, plan, platform)  # the processes this launch starts
+    problems = preflight(prep.topo, prep.plan, prep.platform)  # the processes this launch starts
     for msg in problems:
         console.print(f"[red]preflight:[/] {escape(msg)}", highlight=False)
     if problems:
         return 2
-    if run_file != file:
-        console.print(f"topology: built-in {escape(file.stem)} (copied to {escape(str(run_file))})", highlight=False)
-        run_file.parent.mkdir(parents=True, exist_ok=True)
-        run_file.write_bytes(file.read_bytes())
-    key = (topo.shared_secret() or secret or "").encode()
-    return _run(topo, plan, args, key, console, run_file, secret)
+    if prep.builtin:
+        console.print(f"topology: built-in {escape(prep.file.stem)} (copied to {escape(str(prep.run_file))})",
+                      highlight=False)
+        prep.run_file.parent.mkdir(parents=True, exist_ok=True)
+        prep.run_file.write_bytes(prep.file.read_bytes())
+    key = (prep.topo.shared_secret() or prep.secret or "").encode()
+    return _run(prep.topo, prep.plan, args, key, console, prep.run_file, prep.secret)
+
+
+def _prepare(args: argparse.Namespace) -> _Prepared:
+    """Load the topology and build the plan of processes; ``ConfigError`` on bad input."""
+    from pdfabric.config import load_topology
+    from pdfabric.config.builtin import topology_path
+    from pdfabric.errors import ConfigError
+    from pdfabric.launch.plan import build_plan, detect_platform, select_processes
+
+    file, builtin = topology_path(args.file)
+    # a built-in topology runs from a copy in the log directory: the processes read it
+    # there, and its relative paths (a disk cache tier) land there, not in the package
+    run_file = args.log_dir / file.name if builtin else file
+    topo = load_topology(file, check_secrets=not args.dry_run)
+    only = select_processes(topo, args.only) if args.only is not None else None
+    elsewhere = [i.name for i in topo.instances if only is not None and i.name not in only]
+    if only is not None and args.demo and "proxy" not in only:
+        raise ConfigError("--demo sends its questions through the proxy: add proxy to --only, or drop --demo")
+    if args.demo and elsewhere and topo.secret is None:
+        raise ConfigError(f"--demo reads the transfer counters of engines another launch starts "
+                          f"({', '.join(elsewhere)}): the topology needs a `secret` they share")
+    platform = detect_platform() if args.platform == "auto" else args.platform
+    engines_here = only is None or any(i.name in only for i in topo.instances)
+    model = _model_dir(topo, args.dry_run or not engines_here)
+    secret = None if topo.secret is not None else os.urandom(16).hex()
+    plan = build_plan(topo, run_file.resolve(), model, platform, launch_secret=secret,
+                      proxy_state=(args.log_dir / PROXY_STATE_FILE).resolve())
+    if only is not None:
+        plan = _select(plan, only)
+    return _Prepared(topo, file, builtin, run_file, platform, plan, secret)
+
+
+def _dry_run(args: argparse.Namespace, prep: _Prepared) -> int:
+    """Print the platform, any secret a launch would still need, and each process's command."""
+    from pdfabric.config import load_topology
+    from pdfabric.errors import ConfigError
+
+    how = "auto: from the installed vLLM; --platform cpu|cuda to choose" if args.platform == "auto" else "--platform"
+    print(f"# platform: {prep.platform} ({how})")
+    try:
+        load_topology(prep.file, check_secrets=True)
+    except ConfigError as e:  # the dry run itself does not need them
+        print(f"# note: {e}; a launch (without --dry-run) refuses to start until it does")
+    if prep.builtin:
+        dest = prep.run_file.resolve()
+        print(f"# topology: built-in {prep.file.stem}, run from a copy: mkdir -p {dest.parent} && cp {prep.file} {dest}\n")
+    for spec in prep.plan:
+        print(f"# {spec.name} ({spec.kind}), ready at {spec.ready_url}\n{spec.shell()}\n")
+    return 0
 
 
 def _select(plan: list[Any], only: set[str]) -> list[Any]:

@@ -6,85 +6,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from launch_helpers import ROOT, assert_all_gone, launch, stop_launch, wait_for_text, write_topology
 
-from pdfabric.launch.record import live_record
 from pdfabric.testing.fabric import free_port
-from pdfabric.transports._procs import proc_start
 
 pytestmark = [pytest.mark.integration]
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-
-
-def launch(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``pdfabric launch``; past ``timeout`` it gets SIGTERM (it stops what it started),
-    then SIGKILL, and whatever its ``pids.json`` names is killed too: a launch that
-    unexpectedly got going never outlives the test."""
-    proc = subprocess.Popen([sys.executable, "-m", "pdfabric.cli", "launch", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "COLUMNS": "200", **(env or {})})
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        finally:
-            _kill_recorded(args)
-        raise AssertionError(f"pdfabric launch {' '.join(args)} did not end within {timeout}s:\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def _kill_recorded(args: tuple[str, ...]) -> None:
-    if "--log-dir" not in args:
-        return
-    pids = Path(args[args.index("--log-dir") + 1]) / "pids.json"
-    if not pids.exists():
-        return
-    for pid in json.loads(pids.read_text()).values():
-        try:
-            os.killpg(pid, signal.SIGKILL)  # each process leads its own group (start_new_session)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def write_topology(path: Path, base: str = "cpu-1p1d-tcp.yaml", **changes: object) -> Path:
-    data = yaml.safe_load((ROOT / "configs" / base).read_text())
-    ports = iter(free_port() for _ in range(8))
-    for inst in data["instances"]:
-        inst["port"], inst["control_port"] = next(ports), next(ports)
-    data["proxy"]["port"] = next(ports)
-    for key, value in changes.items():
-        data[key] = value
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def assert_all_gone(log_dir: Path) -> None:
-    pids = json.loads((log_dir / "pids.json").read_text())
-    assert pids, "the launch started no process"
-    for name, pid in pids.items():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        status = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "?"
-        assert status == "Z", f"{name} (pid {pid}) is still running"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -244,9 +181,6 @@ def test_cpu_1p1d_cache_demo_twice_with_the_cache_kept_between_launches(tmp_path
     assert any((tmp_path / "l2").rglob("*.kv"))  # the disk tier outlived both cache servers
 
 
-# -- --only: one launch per host -----------------------------------------------------------
-
-
 def test_only_prints_just_the_named_processes() -> None:
     config = ROOT / "configs" / "multi-host-2p2d-nixl.yaml"
     r = launch(str(config), "--dry-run", "--platform", "cuda", "--only", "prefill-b, proxy")
@@ -293,7 +227,7 @@ def test_only_proxy_starts_no_engine_and_stops_it_on_sigterm(tmp_path: Path) -> 
                                      "--log-dir", str(logs)], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
                                     env={**os.environ, "COLUMNS": "200"})
         try:
-            _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 120)
+            wait_for_text(proc, err, "serving; Ctrl-C stops every process", 120)
             assert list(json.loads((logs / "pids.json").read_text())) == ["proxy"]
             base = f"http://127.0.0.1:{data['proxy']['port']}"
             with urllib.request.urlopen(base + "/live", timeout=5) as resp:
@@ -304,7 +238,7 @@ def test_only_proxy_starts_no_engine_and_stops_it_on_sigterm(tmp_path: Path) -> 
             assert health.value.code == 503
             assert "not checked here (another launch starts them): prefill-0, decode-0" in err.read_text()
         finally:
-            _stop_launch(proc, ("--log-dir", str(logs)))
+            stop_launch(proc, ("--log-dir", str(logs)))
     assert proc.returncode == 0, err.read_text()[-3000:]
     assert_all_gone(logs)
 
@@ -335,7 +269,7 @@ def test_one_launch_per_host_serves_through_the_proxy(tmp_path: Path) -> None:
                                                   "--log-dir", str(logs), *extra], stdout=f, stderr=subprocess.STDOUT,
                                                  cwd=ROOT, env={**os.environ, "COLUMNS": "200"}), logs, err)
         for proc, _, err in procs.values():
-            _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 700)
+            wait_for_text(proc, err, "serving; Ctrl-C stops every process", 700)
         assert "not checked here (another launch starts them): decode-0\n" in procs["prefill-0"][2].read_text()
         demo = procs["proxy"][2].read_text()
         assert "waiting for the proxy to see every engine healthy" in demo and "TTFT ms" in demo, demo[-3000:]
@@ -354,252 +288,11 @@ def test_one_launch_per_host_serves_through_the_proxy(tmp_path: Path) -> None:
         assert counters.get("received", 0) >= 1 and counters.get("recomputes", 0) == 0, counters
     finally:
         for proc, logs, _ in procs.values():
-            _stop_launch(proc, ("--log-dir", str(logs)))
+            stop_launch(proc, ("--log-dir", str(logs)))
     for name, (proc, logs, err) in procs.items():
         assert proc.returncode == 0, f"{name}: {err.read_text()[-3000:]}"
         assert list(json.loads((logs / "pids.json").read_text())) == [name]
         assert_all_gone(logs)
-
-
-def _start_launch(topo: Path, logs: Path, err: Path, *extra: str) -> subprocess.Popen[bytes]:
-    with open(err, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", "pdfabric.cli", "launch", str(topo), "--log-dir", str(logs),
-                                 *extra], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "COLUMNS": "200"})
-
-
-def _serve_proxy_only(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path, Path, int]:
-    """``launch --only proxy`` (no model, no engine) until it serves: (launch, log dir, its
-    output file, the proxy's port). The caller stops it (``_stop_launch``)."""
-    topo = write_topology(tmp_path / "t.yaml", model={"path": str(tmp_path / "no-model-here"), "block_size": 32})
-    port = yaml.safe_load(topo.read_text())["proxy"]["port"]
-    logs, err = tmp_path / "logs", tmp_path / "launch.err"
-    proc = _start_launch(topo, logs, err, "--only", "proxy", *extra)
-    try:
-        _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 120)
-    except BaseException:
-        _stop_launch(proc, ("--log-dir", str(logs)))
-        raise
-    return proc, logs, err, port
-
-
-def _kill_process(logs: Path, name: str) -> int:
-    """SIGKILL the whole process group of ``name`` (as a crash would end it); its pid."""
-    pid = int(json.loads((logs / "pids.json").read_text())[name])
-    os.killpg(pid, signal.SIGKILL)
-    return pid
-
-
-def _new_pid(logs: Path, name: str, old: int, timeout: float = 30, poll: float = 0.2) -> int:
-    deadline = time.monotonic() + timeout
-    while (pid := int(json.loads((logs / "pids.json").read_text())[name])) == old:
-        assert time.monotonic() < deadline, f"{name} was not restarted within {timeout:g}s"
-        time.sleep(poll)
-    return pid
-
-
-def test_a_process_that_dies_is_restarted_until_max_restarts(tmp_path: Path) -> None:
-    """--restart always (the default): a killed proxy is started again (same port, log
-    appended); its second death within the window is over --max-restarts 1: the launch
-    stops, exit 1, saying why, with nothing left running."""
-    proc, logs, err, port = _serve_proxy_only(tmp_path, "--max-restarts", "1")
-    try:
-        first = _kill_process(logs, "proxy")
-        _wait_for_text(proc, err, "proxy is ready again", 60)
-        second = _new_pid(logs, "proxy", first)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/live", timeout=5) as resp:
-            assert resp.status == 200
-        out = err.read_text()
-        assert "proxy exited with code -9; restarting it in 1s (restart 1 of at most 1 within 10 minutes)" in out
-        assert "--- pdfabric launch: restart 1 at " in (logs / "proxy.log").read_text()
-        _kill_process(logs, "proxy")
-        assert proc.wait(60) == 1
-    finally:
-        _stop_launch(proc, ("--log-dir", str(logs)))
-    out = err.read_text()
-    assert "stopped: proxy exited with code -9; it ended 2 times within 10 minutes, more than --max-restarts 1" in out, out[-3000:]
-    assert int(json.loads((logs / "pids.json").read_text())["proxy"]) == second
-    assert_all_gone(logs)
-
-
-def test_a_log_directory_in_use_by_a_running_launch_is_refused(tmp_path: Path) -> None:
-    topo = write_topology(tmp_path / "t.yaml", model={"path": str(tmp_path / "no-model-here"), "block_size": 32})
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    record = {"topology": str(topo), "proxy": None, "secret_file": None, "pid": os.getpid()}  # alive
-    (logs / "launch.json").write_text(json.dumps(record))
-    r = launch(str(topo), "--only", "proxy", "--log-dir", str(logs))
-    assert r.returncode == 2 and f"belongs to the launch running as pid {os.getpid()}" in r.stderr, r.stderr
-    assert not (logs / "pids.json").exists()  # nothing started
-    assert json.loads((logs / "launch.json").read_text()) == record  # and the other's record kept
-
-
-def test_a_record_whose_pid_was_reused_does_not_hold_the_log_directory(tmp_path: Path) -> None:
-    """A launch killed with SIGKILL leaves launch.json behind; when its pid now names
-    another process (another start time), the directory is free and a new launch serves."""
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    stale = {"topology": "gone.yaml", "proxy": None, "secret_file": None, "pid": os.getpid(),
-             "pid_start": proc_start(os.getpid()) + 1}  # fmt: skip
-    (logs / "launch.json").write_text(json.dumps(stale))
-    proc, logs, err, port = _serve_proxy_only(tmp_path)
-    try:
-        record = live_record(logs)
-        assert record is not None and record["pid"] == proc.pid and record["pid_start"] == proc_start(proc.pid)
-    finally:
-        _stop_launch(proc, ("--log-dir", str(logs)))
-    assert not (logs / "launch.json").exists()
-    assert_all_gone(logs)
-
-
-def test_a_hung_process_is_killed_and_restarted(tmp_path: Path) -> None:
-    """Alive but not answering (stopped with SIGSTOP, as a deadlock would leave it): after
-    --hang-timeout the launcher kills its group and starts it again."""
-    proc, logs, err, port = _serve_proxy_only(tmp_path, "--hang-timeout", "2")
-    try:
-        frozen = int(json.loads((logs / "pids.json").read_text())["proxy"])
-        os.kill(frozen, signal.SIGSTOP)
-        _wait_for_text(proc, err, "proxy is ready again", 60)
-        out = err.read_text()
-        assert f"proxy has not answered http://127.0.0.1:{port}/live for " in out and "killing it" in out, out
-        assert _new_pid(logs, "proxy", frozen) != frozen
-        assert not Path(f"/proc/{frozen}").exists() or Path(f"/proc/{frozen}/stat").read_text().split()[2] == "Z"
-    finally:
-        _stop_launch(proc, ("--log-dir", str(logs)))
-    assert proc.returncode == 0, err.read_text()[-3000:]
-    assert_all_gone(logs)
-
-
-def test_a_process_not_ready_after_its_restart_is_killed_and_restarted_again(tmp_path: Path) -> None:
-    """A restart that hangs while starting (stopped at once, before it serves) is not the
-    end of the launch: after --timeout it is killed, counted as another end, and started again."""
-    proc, logs, err, port = _serve_proxy_only(tmp_path, "--timeout", "15")
-    try:
-        first = _kill_process(logs, "proxy")
-        stuck = _new_pid(logs, "proxy", first, timeout=30, poll=0.02)
-        os.kill(stuck, signal.SIGSTOP)  # long before it could serve (a Python start takes ~1 s)
-        third = _new_pid(logs, "proxy", stuck, timeout=60)
-        _wait_for_text(proc, err, "proxy is ready again", 60)
-        out = err.read_text()
-        assert "proxy was not ready again 15s after its restart: killing it" in out, out[-3000:]
-        assert "restart 2 of at most 3" in out, out[-3000:]
-        assert third not in (first, stuck) and proc.poll() is None
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/live", timeout=5) as r:
-            assert r.status == 200
-    finally:
-        _stop_launch(proc, ("--log-dir", str(logs)))
-    assert proc.returncode == 0, err.read_text()[-3000:]
-    assert_all_gone(logs)
-
-
-def test_a_restarted_proxy_keeps_admin_changes_and_a_new_launch_starts_from_the_topology(tmp_path: Path) -> None:
-    proc, logs, err, port = _serve_proxy_only(tmp_path)
-    admin = f"http://127.0.0.1:{port}/admin/instances"
-    try:
-        urllib.request.urlopen(urllib.request.Request(admin + "/decode-0/drain", method="POST"), timeout=5).close()
-        first = _kill_process(logs, "proxy")
-        _new_pid(logs, "proxy", first)
-        _wait_for_text(proc, err, "proxy is ready again", 60)
-        with urllib.request.urlopen(admin, timeout=5) as r:
-            assert {i["name"]: i["draining"] for i in json.loads(r.read())["instances"]} == {
-                "prefill-0": False, "decode-0": True}
-    finally:
-        _stop_launch(proc, ("--log-dir", str(logs)))
-    assert proc.returncode == 0, err.read_text()[-3000:]
-    proc, logs, err, port = _serve_proxy_only(tmp_path)  # the same log directory, a new launch
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/instances", timeout=5) as r:
-            assert all(not i["draining"] for i in json.loads(r.read())["instances"])
-    finally:
-        _stop_launch(proc, ("--log-dir", str(logs)))
-    assert_all_gone(logs)
-
-
-def test_restart_never_stops_the_launch_at_the_first_death(tmp_path: Path) -> None:
-    proc, logs, err, _ = _serve_proxy_only(tmp_path, "--restart", "never")
-    try:
-        _kill_process(logs, "proxy")
-        assert proc.wait(60) == 1
-    finally:
-        _stop_launch(proc, ("--log-dir", str(logs)))
-    out = err.read_text()
-    assert "stopped: proxy exited with code -9; see" in out and "restarting" not in out, out[-3000:]
-    assert_all_gone(logs)
-
-
-@pytest.mark.timeout(900)
-def test_crashed_engines_are_restarted_and_serve_transfers_again(tmp_path: Path) -> None:
-    """A prefill engine, then a decode engine, killed as a crash would (the whole group):
-    each is restarted with its ports and comes back; the next request through the proxy is
-    disaggregated again and the new decode engine takes the prompt from a transfer (the
-    peers of the dead engine's incarnation are refused as stale and fetched again).
-    The topology names no secret: ``pdfabric status --log-dir`` finds the launch and its
-    per-launch secret (restarted engines get the same one) and reads the connectors."""
-    from pdfabric.testing.fabric import make_prompt
-
-    topo = write_topology(tmp_path / "t.yaml")
-    data = yaml.safe_load(topo.read_text())
-    proxy = f"http://127.0.0.1:{data['proxy']['port']}"
-    logs, err = tmp_path / "logs", tmp_path / "launch.err"
-    proc = _start_launch(topo, logs, err)
-    try:
-        _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 700)
-        assert (logs / "launch-secret").stat().st_mode & 0o777 == 0o600
-        assert json.loads((logs / "launch.json").read_text())["proxy"] == proxy
-        for n, name in enumerate(("prefill-0", "decode-0")):
-            _new_pid(logs, name, _kill_process(logs, name), timeout=30)
-            _wait_for_text(proc, err, f"{name} is ready again", 300)
-            _wait_healthy_in_proxy(proxy, 60)  # its next health probe finds the engine back
-            body = {"model": "tiny-llama", "prompt": make_prompt(300, seed=11 + n, vocab=1000), "max_tokens": 4}
-            req = urllib.request.Request(proxy + "/v1/completions", json.dumps(body).encode(),
-                                         {"content-type": "application/json"})
-            with urllib.request.urlopen(req, timeout=120) as resp:
-                assert resp.headers["x-pdfabric-prefill"] == "prefill-0"
-                assert json.loads(resp.read())["usage"]["prompt_tokens"] == 300
-            st = subprocess.run([sys.executable, "-m", "pdfabric.cli", "status", "--log-dir", str(logs), "--json"],
-                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
-            assert st.returncode == 0, st.stderr
-            counters = json.loads(st.stdout)["connectors"]["decode-0"]["counters"]
-            assert counters.get("received", 0) >= 1 and counters.get("recomputes", 0) == 0, counters
-    finally:
-        _stop_launch(proc, ("--log-dir", str(logs)))
-    assert proc.returncode == 0, err.read_text()[-3000:]
-    assert_all_gone(logs)
-    assert not (logs / "launch.json").exists() and not (logs / "launch-secret").exists()
-
-
-def _wait_healthy_in_proxy(proxy: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with urllib.request.urlopen(proxy + "/admin/instances", timeout=5) as resp:
-            instances = json.loads(resp.read())["instances"]
-        if all(i["healthy"] for i in instances):
-            return
-        assert time.monotonic() < deadline, f"the proxy still sees an engine down: {instances}"
-        time.sleep(0.5)
-
-
-def _wait_for_text(proc: subprocess.Popen[bytes], out: Path, text: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in out.read_text(errors="replace"):
-        if proc.poll() is not None:
-            raise AssertionError(f"the launch exited with {proc.returncode}:\n{out.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {text!r} within {timeout:g}s:\n{out.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
-def _stop_launch(proc: subprocess.Popen[bytes], args: tuple[str, ...]) -> None:
-    """SIGTERM (the launch stops what it started), then SIGKILL; what its pids.json names
-    is killed too when it did not end in time."""
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-        _kill_recorded(args)
 
 
 def test_without_a_file_the_built_in_default_is_launched() -> None:
@@ -633,13 +326,13 @@ def test_a_built_in_topology_runs_from_a_copy_in_the_log_directory(tmp_path: Pat
                                  "--log-dir", str(logs)], stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path,
                                 env={**os.environ, "COLUMNS": "300"})
     try:
-        _wait_for_text(proc, err, "serving; Ctrl-C stops every process", 120)
+        wait_for_text(proc, err, "serving; Ctrl-C stops every process", 120)
         copy = logs / "cpu-1p1d-tcp.yaml"
         assert copy.read_bytes() == (ROOT / "configs" / "cpu-1p1d-tcp.yaml").read_bytes()
         assert f"built-in cpu-1p1d-tcp (copied to {copy})" in " ".join(err.read_text().split())
         pid = json.loads((logs / "pids.json").read_text())["proxy"]
         assert str(copy.resolve()) in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
     finally:
-        _stop_launch(proc, ("--log-dir", str(logs)))
+        stop_launch(proc, ("--log-dir", str(logs)))
     assert proc.returncode == 0, err.read_text()[-3000:]
     assert_all_gone(logs)

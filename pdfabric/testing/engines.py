@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pdfabric.launch.plan import CPU_COMPILE_ENV, detect_platform
+
 __all__ = ["EngineSpec", "Engine", "EngineError", "http_json", "connector_config", "parse_metrics"]
 
 
@@ -121,6 +123,9 @@ class Engine:
                     "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"})
         if s.cores is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = s.cores
+        if detect_platform() == "cpu":  # as the launcher does (see CPU_COMPILE_ENV)
+            for key, value in CPU_COMPILE_ENV.items():
+                env.setdefault(key, value)
         env.update(s.env)
         s.log_dir.mkdir(parents=True, exist_ok=True)
         cpus = {int(c) for c in s.cores.split(",")} if s.cores else None
